@@ -1,0 +1,208 @@
+"""AioContext: one event loop, owned by one thread.
+
+Theory of operation
+-------------------
+QEMU runs each I/O thread's work in an AioContext: fd handlers plus bottom halves (BHs), callables
+queued to run soon in that context.  We keep the same shape:
+
+* ``set_fd_handler(fd, handler)`` registers a read handler; it must be called from the context's
+  home thread (to act on another context, schedule a BH into it).
+* ``schedule(fn, *args)`` queues a BH.  It is the *only* thing other threads may do to a context
+  (trio's ``run_sync_soon`` / QEMU's ``aio_bh_schedule_oneshot``): one locked deque and one
+  eventfd that wakes the loop only when it is (about to be) blocked in ``epoll_wait``.
+* ``aio_poll(blocking)`` runs one iteration: BHs, then ready fd handlers, then BHs again.
+
+``current_aio_context()`` tells code which context it is running in; the block layer uses it to
+deliver completions back into the context that submitted a request.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_tls = threading.local()
+log = logging.getLogger("pyvhost_blk.aio")
+
+
+def current_aio_context() -> AioContext:
+    """The AioContext whose loop is running in this thread (the main one outside any loop)."""
+    ctx = getattr(_tls, "ctx", None)
+    return ctx if ctx is not None else qemu_get_aio_context()
+
+
+class AioContext:
+    """An epoll loop with fd handlers and thread-safe bottom halves."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._ep = select.epoll()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._bh: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
+        self._bh_lock = threading.Lock()
+        self._blocked = False  # True while (about to be) waiting in epoll with no timeout
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, select.EPOLLIN)
+        self.home_thread: int | None = None
+        self.stopped = False
+        self.iterations = 0
+
+    # -- fd handlers (home thread only) ---------------------------------------------------------
+    def set_fd_handler(self, fd: int, handler: Callable[[], None] | None) -> None:
+        """Register (or with None, remove) a read handler for fd.  Home thread only."""
+        if handler is None:
+            if self._handlers.pop(fd, None) is not None:
+                try:
+                    self._ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass  # already closed: epoll dropped it by itself
+            return
+        if fd in self._handlers:
+            self._handlers[fd] = handler
+            return
+        self._handlers[fd] = handler
+        self._ep.register(fd, select.EPOLLIN)
+
+    # -- bottom halves (any thread) ----------------------------------------------------------
+    def schedule(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) soon in this context.  Safe from any thread and from signal handlers."""
+        with self._bh_lock:
+            self._bh.append((fn, args))
+            wake = self._blocked
+            self._blocked = False
+        if wake:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _run_bhs(self) -> bool:
+        ran = False
+        while True:
+            with self._bh_lock:
+                if not self._bh:
+                    return ran
+                batch = self._bh
+                self._bh = collections.deque()
+            ran = True
+            for fn, args in batch:
+                try:
+                    fn(*args)
+                except Exception:
+                    # A bug in one callback must not take the daemon (and every guest) down.
+                    log.exception("unhandled exception in bottom half %r", fn)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def aio_poll(self, blocking: bool, timeout: float | None = None) -> bool:
+        """One loop iteration; returns whether any progress was made.  Home thread only."""
+        progress = self._run_bhs()
+        if blocking and not progress:
+            with self._bh_lock:
+                if self._bh:
+                    wait = 0.0
+                else:
+                    self._blocked = True
+                    wait = -1.0 if timeout is None else timeout
+        else:
+            wait = 0.0
+        events = self._ep.poll(wait)
+        self._blocked = False
+        self.iterations += 1
+        for fd, _ in events:
+            if fd == self._wake_fd:
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            handler = self._handlers.get(fd)
+            if handler is not None:
+                try:
+                    handler()
+                except Exception:
+                    log.exception("unhandled exception in fd handler %r", handler)
+                progress = True
+        return self._run_bhs() or progress
+
+    def run(self, should_stop: Callable[[], bool] | None = None) -> None:
+        """Run the loop in the calling thread until stop() (or should_stop() is true)."""
+        self.home_thread = threading.get_ident()
+        _tls.ctx = self
+        try:
+            while not self.stopped and not (should_stop and should_stop()):
+                self.aio_poll(blocking=True)
+        finally:
+            _tls.ctx = None
+
+    def stop(self) -> None:
+        """Ask the loop to return from run(); safe from any thread."""
+        def _stop() -> None:
+            self.stopped = True
+
+        self.schedule(_stop)
+
+    def in_home_thread(self) -> bool:
+        return self.home_thread is None or self.home_thread == threading.get_ident()
+
+    def close(self) -> None:
+        self._ep.close()
+        os.close(self._wake_fd)
+
+
+_main_ctx: AioContext | None = None
+
+
+def qemu_get_aio_context() -> AioContext:
+    """The main loop's context (created on first use, like QEMU's qemu_aio_context)."""
+    global _main_ctx
+    if _main_ctx is None:
+        _main_ctx = AioContext("main")
+    return _main_ctx
+
+
+# -- AIO_WAIT_WHILE, made asynchronous ---------------------------------------------------------
+# QEMU's main loop blocks in AIO_WAIT_WHILE(cond) and is woken by aio_wait_kick() whenever some
+# counter drops.  Our main loop never blocks inside a handler; instead it registers a waiter
+# (cond, then) and aio_wait_kick() schedules a recheck in the main context.
+
+_waiters: list[tuple[Callable[[], bool], Callable[[], None]]] = []
+_waiters_lock = threading.Lock()
+_kick_pending = False
+
+
+def aio_wait_until(cond: Callable[[], bool], then: Callable[[], None]) -> None:
+    """Main thread: call ``then()`` in the main context once ``cond()`` is true (maybe now)."""
+    if cond():
+        then()
+        return
+    with _waiters_lock:
+        _waiters.append((cond, then))
+    aio_wait_kick()  # cond may have become true between the check and the append
+
+
+def aio_wait_kick() -> None:
+    """Any thread: some condition a waiter may wait for has changed."""
+    global _kick_pending
+    with _waiters_lock:
+        if not _waiters or _kick_pending:
+            return
+        _kick_pending = True
+    qemu_get_aio_context().schedule(_recheck_waiters)
+
+
+def _recheck_waiters() -> None:
+    global _kick_pending
+    with _waiters_lock:
+        _kick_pending = False
+        waiting = list(_waiters)
+    for w in waiting:
+        cond, then = w
+        if cond():
+            with _waiters_lock:
+                if w in _waiters:
+                    _waiters.remove(w)
+                else:
+                    continue
+            then()

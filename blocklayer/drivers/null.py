@@ -1,0 +1,39 @@
+"""null-co: a disk of a given size that stores nothing (QEMU's block/null.c).
+
+Reads leave the buffer untouched unless ``read-zeroes=on``; writes and flushes succeed at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blocklayer.aio import AioContext
+from blocklayer.bdrv import BlockDriver, Completion, bdrv_register
+from blocklayer.iov import IOVector
+from pyvhost_blk.keyval import to_bool, to_int, to_size
+
+DEFAULT_SIZE = 1 << 30  # QEMU's null-co default: 1 GiB
+
+
+@bdrv_register
+class NullDriver(BlockDriver):
+    format_name = "null-co"
+    options = {"size": to_size, "read-zeroes": to_bool, "latency-ns": to_int}
+
+    def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
+        super().__init__(node_name, opts)
+        self.size = opts.get("size", DEFAULT_SIZE)
+        self.read_zeroes = opts.get("read-zeroes", False)
+
+    def getlength(self) -> int:
+        return self.size
+
+    def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
+        if self.read_zeroes:
+            qiov.memset(0)
+        cb(0)
+
+    def aio_pwritev(
+        self, ctx: AioContext, offset: int, qiov: IOVector, flags: int, cb: Completion
+    ) -> None:
+        cb(0)

@@ -1,0 +1,91 @@
+"""io_uring per AioContext (QEMU's block/io_uring.c): LuringState.
+
+One ring per AioContext, created lazily in that context's thread; its completion eventfd is an
+fd handler of the context.  Requests prepared during one loop iteration are submitted together
+by one bottom half (one ``io_uring_enter`` per batch).  Home thread of ``ctx`` only.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from blocklayer.aio import AioContext
+from vhost.ffi import check_errno, ffi, lib
+
+OP_READ, OP_WRITE, OP_FSYNC = 0, 1, 2
+RING_ENTRIES = 256
+REAP_BATCH = 64
+
+
+class LuringState:
+    def __init__(self, ctx: AioContext) -> None:
+        self.ctx = ctx
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ring = ffi.new("struct pyvu_uring *")
+        check_errno(lib.pyvu_uring_init(self._ring, RING_ENTRIES, self._efd), "io_uring_queue_init")
+        self._pending: dict[int, tuple[Callable[[int], None], Any]] = {}
+        self._ids = itertools.count(1)
+        self._submit_scheduled = False
+        self._ud = ffi.new("uint64_t[]", REAP_BATCH)
+        self._res = ffi.new("int[]", REAP_BATCH)
+        ctx.set_fd_handler(self._efd, self._on_completion)
+
+    def submit(
+        self, op: int, fd: int, iov: Any, niov: int, offset: int, cb: Callable[[int], None],
+        keep: Any = None,
+    ) -> None:
+        """Queue one request; cb(res) runs in this context when it completes."""
+        uid = next(self._ids)
+        ret = lib.pyvu_uring_prep(self._ring, op, fd, iov if iov is not None else ffi.NULL,
+                                  niov, offset, uid)
+        if ret < 0:
+            self.ctx.schedule(cb, ret)
+            return
+        self._pending[uid] = (cb, keep)
+        if not self._submit_scheduled:
+            self._submit_scheduled = True
+            self.ctx.schedule(self._submit)
+
+    def _submit(self) -> None:
+        self._submit_scheduled = False
+        ret = lib.pyvu_uring_submit(self._ring)
+        if ret < 0 and ret != -errno.EBUSY and ret != -errno.EAGAIN:
+            # Nothing was submitted: fail what is pending rather than leave it hanging.
+            pending, self._pending = self._pending, {}
+            for cb, _ in pending.values():
+                cb(ret)
+
+    def _on_completion(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        while True:
+            n = lib.pyvu_uring_reap(self._ring, self._ud, self._res, REAP_BATCH)
+            for i in range(n):
+                entry = self._pending.pop(self._ud[i], None)
+                if entry is not None:
+                    entry[0](self._res[i])
+            if n < REAP_BATCH:
+                break
+        if self._pending and not self._submit_scheduled:
+            # Requests that did not fit into the submission queue earlier.
+            self._submit_scheduled = True
+            self.ctx.schedule(self._submit)
+
+
+_states: weakref.WeakKeyDictionary[AioContext, LuringState] = weakref.WeakKeyDictionary()
+
+
+def luring_get(ctx: AioContext) -> LuringState:
+    """The context's ring (created on first use).  Home thread of ctx only."""
+    st = _states.get(ctx)
+    if st is None:
+        st = LuringState(ctx)
+        _states[ctx] = st
+    return st

@@ -1,0 +1,182 @@
+"""cffi builder for ``vhost._vhost_user``: libvhost-user + our C glue, compiled at install time.
+
+Declarations live here and nowhere else; the Pythonic side is ``vhost/ffi.py`` and up.
+libvhost-user's structs are declared with a trailing ``...;`` so their layout comes from the
+compiler, not from us.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cffi import FFI
+
+sys.path.insert(0, os.path.dirname(__file__))
+from libvhost_user_source import SourceUnavailable, qemu_source_tree  # noqa: E402
+
+CDEF = r"""
+struct iovec { void *iov_base; size_t iov_len; };
+
+typedef struct VhostUserMsg {
+    int request;
+    uint32_t flags;
+    uint32_t size;
+    int fds[8];
+    int fd_num;
+    ...;
+} VhostUserMsg;
+
+typedef struct VuRing { unsigned int num; ...; } VuRing;
+
+typedef struct VuVirtq {
+    VuRing vring;
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    unsigned int inuse;
+    int call_fd;
+    int kick_fd;
+    unsigned int enable;
+    bool started;
+    ...;
+} VuVirtq;
+
+typedef struct VuDev {
+    int sock;
+    uint32_t nregions;
+    VuVirtq *vq;
+    uint64_t features;
+    uint64_t protocol_features;
+    bool broken;
+    uint16_t max_queues;
+    ...;
+} VuDev;
+
+typedef struct VuVirtqElement {
+    unsigned int index;
+    unsigned int out_num;
+    unsigned int in_num;
+    struct iovec *in_sg;
+    struct iovec *out_sg;
+} VuVirtqElement;
+
+typedef uint64_t (*vu_get_features_cb) (VuDev *dev);
+typedef void (*vu_set_features_cb) (VuDev *dev, uint64_t features);
+typedef int (*vu_process_msg_cb) (VuDev *dev, VhostUserMsg *vmsg, int *do_reply);
+typedef bool (*vu_read_msg_cb) (VuDev *dev, int sock, VhostUserMsg *vmsg);
+typedef void (*vu_queue_set_started_cb) (VuDev *dev, int qidx, bool started);
+typedef bool (*vu_queue_is_processed_in_order_cb) (VuDev *dev, int qidx);
+typedef int (*vu_get_config_cb) (VuDev *dev, uint8_t *config, uint32_t len);
+typedef int (*vu_set_config_cb) (VuDev *dev, const uint8_t *data, uint32_t offset,
+                                 uint32_t size, uint32_t flags);
+typedef void (*vu_panic_cb) (VuDev *dev, const char *err);
+typedef void (*vu_watch_cb) (VuDev *dev, int condition, void *data);
+typedef void (*vu_set_watch_cb) (VuDev *dev, int fd, int condition, vu_watch_cb cb, void *data);
+typedef void (*vu_remove_watch_cb) (VuDev *dev, int fd);
+
+typedef struct VuDevIface {
+    vu_get_features_cb get_features;
+    vu_set_features_cb set_features;
+    vu_get_features_cb get_protocol_features;
+    vu_set_features_cb set_protocol_features;
+    vu_process_msg_cb process_msg;
+    vu_queue_set_started_cb queue_set_started;
+    vu_queue_is_processed_in_order_cb queue_is_processed_in_order;
+    vu_get_config_cb get_config;
+    vu_set_config_cb set_config;
+    ...;
+} VuDevIface;
+
+bool vu_init(VuDev *dev, uint16_t max_queues, int socket, vu_panic_cb panic,
+             vu_read_msg_cb read_msg, vu_set_watch_cb set_watch,
+             vu_remove_watch_cb remove_watch, const VuDevIface *iface);
+void vu_deinit(VuDev *dev);
+bool vu_dispatch(VuDev *dev);
+const char *vu_request_to_string(unsigned int req);
+void *vu_queue_pop(VuDev *dev, VuVirtq *vq, size_t sz);
+void vu_queue_push(VuDev *dev, VuVirtq *vq, const VuVirtqElement *elem, unsigned int len);
+void vu_queue_fill(VuDev *dev, VuVirtq *vq, const VuVirtqElement *elem, unsigned int len,
+                   unsigned int idx);
+void vu_queue_flush(VuDev *dev, VuVirtq *vq, unsigned int num);
+void vu_queue_notify(VuDev *dev, VuVirtq *vq);
+void vu_queue_set_notification(VuDev *dev, VuVirtq *vq, int enable);
+bool vu_queue_enabled(VuDev *dev, VuVirtq *vq);
+bool vu_queue_started(const VuDev *dev, const VuVirtq *vq);
+bool vu_queue_empty(VuDev *dev, VuVirtq *vq);
+void vu_config_change_msg(VuDev *dev);
+
+void free(void *ptr);
+
+struct pyvu_dev {
+    VuDev vu;
+    int eof;
+    int bad_msg;
+    char why[160];
+    void *handle;
+    ...;
+};
+int pyvu_dev_init(struct pyvu_dev *d);
+void pyvu_dev_destroy(struct pyvu_dev *d);
+void *pyvu_handle(VuDev *dev);
+int pyvu_rdlock(struct pyvu_dev *d);
+int pyvu_wrlock(struct pyvu_dev *d);
+int pyvu_unlock(struct pyvu_dev *d);
+bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg);
+VuVirtq *pyvu_queue(VuDev *dev, int qidx);
+
+int pyvu_iov_slice(const struct iovec *src, unsigned n, size_t skip, size_t trim,
+                   struct iovec *dst, uint64_t *size_out);
+size_t pyvu_iov_to_buf(const struct iovec *iov, unsigned n, void *buf, size_t len);
+size_t pyvu_iov_from_buf(const struct iovec *iov, unsigned n, const void *buf, size_t len);
+void pyvu_iov_memset(const struct iovec *iov, unsigned n, size_t start, int byte);
+
+struct pyvu_uring { int efd; ...; };
+int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd);
+void pyvu_uring_exit(struct pyvu_uring *u);
+int pyvu_uring_submit(struct pyvu_uring *u);
+int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *iov,
+                    unsigned niov, uint64_t offset, uint64_t user_data);
+int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max);
+
+extern "Python" uint64_t pyvu_cb_get_features(VuDev *);
+extern "Python" void pyvu_cb_set_features(VuDev *, uint64_t);
+extern "Python" uint64_t pyvu_cb_get_protocol_features(VuDev *);
+extern "Python" void pyvu_cb_set_protocol_features(VuDev *, uint64_t);
+extern "Python" int pyvu_cb_process_msg(VuDev *, VhostUserMsg *, int *);
+extern "Python" void pyvu_cb_queue_set_started(VuDev *, int, bool);
+extern "Python" int pyvu_cb_get_config(VuDev *, uint8_t *, uint32_t);
+extern "Python" int pyvu_cb_set_config(VuDev *, const uint8_t *, uint32_t, uint32_t, uint32_t);
+extern "Python" void pyvu_cb_panic(VuDev *, const char *);
+extern "Python" void pyvu_cb_set_watch(VuDev *, int, int, vu_watch_cb, void *);
+extern "Python" void pyvu_cb_remove_watch(VuDev *, int);
+"""
+
+
+def make_ffi() -> FFI:
+    """Return the FFI builder (used by setuptools' ``cffi_modules``)."""
+    try:
+        root = qemu_source_tree()
+    except SourceUnavailable as e:
+        sys.stderr.write(f"\nERROR: {e}\n\n")
+        raise SystemExit(1) from None
+    lvu = root / "subprojects" / "libvhost-user"
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "_pyvu.c"), encoding="utf-8") as f:
+        glue = f.read()
+    ffibuilder = FFI()
+    ffibuilder.cdef(CDEF)
+    ffibuilder.set_source(
+        "vhost._vhost_user",
+        # libvhost-user.c is compiled in the same translation unit (setuptools refuses
+        # absolute paths in ``sources``, and the file lives in the cache, not the tree).
+        '#include <sys/uio.h>\n#include "libvhost-user.c"\n' + glue,
+        include_dirs=[str(lvu), str(root / "include"), str(root)],
+        define_macros=[("_GNU_SOURCE", None)],
+        extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-sign-compare"],
+        libraries=["uring", "pthread"],
+    )
+    return ffibuilder
+
+
+if __name__ == "__main__":
+    make_ffi().compile(verbose=True)

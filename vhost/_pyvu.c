@@ -1,0 +1,342 @@
+/*
+ * pyvu: the small amount of C that sits between libvhost-user and Python.
+ *
+ * - struct pyvu_dev wraps a VuDev with the dispatch lock (a writer-preferring rwlock: taken
+ *   exclusively around vu_dispatch, shared by queue threads around pop/push) and the state our
+ *   own read_msg leaves behind (EOF, or why a message was refused).
+ * - pyvu_read_msg replaces libvhost-user's default reader: an EOF or a short/oversized message
+ *   becomes "disconnect" instead of exit(0) or an assert.
+ * - pyvu_uring_*: a few liburing helpers (many liburing functions are static inline, so they
+ *   must be called from C), batched so Python crosses into C once per batch.
+ *
+ * Licence: GPL-2.0-or-later (linked with libvhost-user).
+ */
+#include <sys/uio.h>
+#include <sys/socket.h>
+#include <errno.h>
+#include <string.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <stddef.h>
+#include <pthread.h>
+#include <liburing.h>
+#include "libvhost-user.h"
+
+struct pyvu_dev {
+    VuDev vu;
+    pthread_rwlock_t lock;
+    int eof;            /* the frontend closed the connection */
+    int bad_msg;        /* the last message was refused by pyvu_read_msg */
+    char why[160];      /* why, for the log */
+    void *handle;       /* cffi handle of the Python VuServer connection */
+};
+
+static struct pyvu_dev *pyvu_from_vu(VuDev *dev)
+{
+    return (struct pyvu_dev *)((char *)dev - offsetof(struct pyvu_dev, vu));
+}
+
+static int pyvu_dev_init(struct pyvu_dev *d)
+{
+    pthread_rwlockattr_t attr;
+    int r;
+
+    pthread_rwlockattr_init(&attr);
+    /* Writer-preferring: a waiting vu_dispatch makes queue threads' trylocks fail. */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    r = pthread_rwlock_init(&d->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    d->eof = 0;
+    d->bad_msg = 0;
+    d->why[0] = 0;
+    return r;
+}
+
+static void pyvu_dev_destroy(struct pyvu_dev *d)
+{
+    pthread_rwlock_destroy(&d->lock);
+}
+
+static void *pyvu_handle(VuDev *dev)
+{
+    return pyvu_from_vu(dev)->handle;
+}
+
+static int pyvu_rdlock(struct pyvu_dev *d) { return pthread_rwlock_rdlock(&d->lock); }
+static int pyvu_wrlock(struct pyvu_dev *d) { return pthread_rwlock_wrlock(&d->lock); }
+static int pyvu_unlock(struct pyvu_dev *d) { return pthread_rwlock_unlock(&d->lock); }
+
+static void pyvu_close_fds(int *fds, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (fds[i] >= 0) {
+            close(fds[i]);
+        }
+    }
+}
+
+static int pyvu_read_full(int fd, void *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = read(fd, (char *)buf + done, len - done);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN)) {
+            continue;
+        }
+        if (r <= 0) {
+            return -1;
+        }
+        done += r;
+    }
+    return 0;
+}
+
+/* Our read_msg: never exit(), never assert; refuse malformed framing. */
+static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
+{
+    struct pyvu_dev *d = pyvu_from_vu(dev);
+    char control[CMSG_SPACE(VHOST_MEMORY_BASELINE_NREGIONS * sizeof(int))];
+    struct iovec iov = { .iov_base = vmsg, .iov_len = VHOST_USER_HDR_SIZE };
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1,
+        .msg_control = control, .msg_controllen = sizeof(control),
+    };
+    struct cmsghdr *cmsg;
+    ssize_t rc;
+
+    memset(control, 0, sizeof(control));
+    vmsg->fd_num = 0;
+    do {
+        rc = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    } while (rc < 0 && errno == EINTR);
+
+    for (cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+        if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+            size_t n = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            if (n > VHOST_MEMORY_BASELINE_NREGIONS) {
+                n = VHOST_MEMORY_BASELINE_NREGIONS;
+            }
+            memcpy(vmsg->fds, CMSG_DATA(cmsg), n * sizeof(int));
+            vmsg->fd_num = n;
+        }
+    }
+    if (rc == 0) {
+        d->eof = 1;
+        snprintf(d->why, sizeof(d->why), "frontend closed the connection");
+        goto fail;
+    }
+    if (rc < 0) {
+        d->eof = 1;
+        snprintf(d->why, sizeof(d->why), "recvmsg: %s", strerror(errno));
+        goto fail;
+    }
+    if (msg.msg_flags & MSG_CTRUNC) {
+        d->bad_msg = 1;
+        snprintf(d->why, sizeof(d->why), "message carries more than %d fds",
+                 VHOST_MEMORY_BASELINE_NREGIONS);
+        goto fail;
+    }
+    if ((size_t)rc < VHOST_USER_HDR_SIZE) {
+        rc += 0;
+        if (pyvu_read_full(sock, (char *)vmsg + rc, VHOST_USER_HDR_SIZE - rc) < 0) {
+            d->bad_msg = 1;
+            snprintf(d->why, sizeof(d->why), "short message header");
+            goto fail;
+        }
+    }
+    if (vmsg->size > sizeof(vmsg->payload)) {
+        d->bad_msg = 1;
+        snprintf(d->why, sizeof(d->why), "payload size %u exceeds %zu",
+                 vmsg->size, sizeof(vmsg->payload));
+        goto fail;
+    }
+    if (vmsg->size && pyvu_read_full(sock, &vmsg->payload, vmsg->size) < 0) {
+        d->bad_msg = 1;
+        snprintf(d->why, sizeof(d->why), "short payload (request %d, size %u)",
+                 vmsg->request, vmsg->size);
+        goto fail;
+    }
+    return true;
+
+fail:
+    pyvu_close_fds(vmsg->fds, vmsg->fd_num);
+    vmsg->fd_num = 0;
+    return false;
+}
+
+static VuVirtq *pyvu_queue(VuDev *dev, int qidx)
+{
+    return &dev->vq[qidx];
+}
+
+/* ---- io_uring ---- */
+
+struct pyvu_uring {
+    struct io_uring ring;
+    int efd;
+    unsigned pending;   /* prepared, not yet submitted */
+};
+
+static int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd)
+{
+    int r = io_uring_queue_init(entries, &u->ring, 0);
+    if (r < 0) {
+        return r;
+    }
+    u->efd = efd;
+    u->pending = 0;
+    r = io_uring_register_eventfd(&u->ring, efd);
+    if (r < 0) {
+        io_uring_queue_exit(&u->ring);
+        return r;
+    }
+    return 0;
+}
+
+static void pyvu_uring_exit(struct pyvu_uring *u)
+{
+    io_uring_queue_exit(&u->ring);
+}
+
+static int pyvu_uring_submit(struct pyvu_uring *u)
+{
+    int r = 0;
+    if (u->pending) {
+        do {
+            r = io_uring_submit(&u->ring);
+        } while (r == -EINTR);
+        if (r >= 0) {
+            u->pending = 0;
+        }
+    }
+    return r;
+}
+
+/* op: 0 readv, 1 writev, 2 fsync. Returns 0 or -errno. */
+static int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *iov,
+                           unsigned niov, uint64_t offset, uint64_t user_data)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+    if (!sqe) {
+        int r = pyvu_uring_submit(u);
+        if (r < 0) {
+            return r;
+        }
+        sqe = io_uring_get_sqe(&u->ring);
+        if (!sqe) {
+            return -EBUSY;
+        }
+    }
+    switch (op) {
+    case 0:
+        io_uring_prep_readv(sqe, fd, iov, niov, offset);
+        break;
+    case 1:
+        io_uring_prep_writev(sqe, fd, iov, niov, offset);
+        break;
+    default:
+        io_uring_prep_fsync(sqe, fd, 0);
+        break;
+    }
+    io_uring_sqe_set_data64(sqe, user_data);
+    u->pending++;
+    return 0;
+}
+
+/* Harvest up to max completions; returns how many. */
+static int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max)
+{
+    struct io_uring_cqe *cqe;
+    int n = 0;
+    while (n < max && io_uring_peek_cqe(&u->ring, &cqe) == 0) {
+        user_data[n] = io_uring_cqe_get_data64(cqe);
+        res[n] = cqe->res;
+        io_uring_cqe_seen(&u->ring, cqe);
+        n++;
+    }
+    return n;
+}
+
+/* ---- iovec helpers for the request path ---- */
+
+/*
+ * Copy src[0..n) into dst, dropping the first `skip` bytes and the last `trim` bytes.
+ * Returns the number of iovecs written (<= n), or -1 if there are fewer than skip+trim bytes.
+ * *size_out gets the byte count covered by dst.
+ */
+static int pyvu_iov_slice(const struct iovec *src, unsigned n, size_t skip, size_t trim,
+                          struct iovec *dst, uint64_t *size_out)
+{
+    uint64_t total = 0, want, got = 0;
+    unsigned i;
+    int out = 0;
+
+    for (i = 0; i < n; i++) {
+        total += src[i].iov_len;
+    }
+    if (total < (uint64_t)skip + trim) {
+        return -1;
+    }
+    want = total - skip - trim;
+    for (i = 0; i < n && got < want; i++) {
+        size_t len = src[i].iov_len;
+        char *base = src[i].iov_base;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        base += skip;
+        len -= skip;
+        skip = 0;
+        if (len > want - got) {
+            len = want - got;
+        }
+        if (len == 0) {
+            continue;
+        }
+        dst[out].iov_base = base;
+        dst[out].iov_len = len;
+        out++;
+        got += len;
+    }
+    *size_out = got;
+    return out;
+}
+
+/* Gather up to len bytes from the start of an iovec array; returns bytes copied. */
+static size_t pyvu_iov_to_buf(const struct iovec *iov, unsigned n, void *buf, size_t len)
+{
+    size_t done = 0;
+    for (unsigned i = 0; i < n && done < len; i++) {
+        size_t c = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
+        memcpy((char *)buf + done, iov[i].iov_base, c);
+        done += c;
+    }
+    return done;
+}
+
+/* Scatter len bytes into an iovec array; returns bytes copied. */
+static size_t pyvu_iov_from_buf(const struct iovec *iov, unsigned n, const void *buf, size_t len)
+{
+    size_t done = 0;
+    for (unsigned i = 0; i < n && done < len; i++) {
+        size_t c = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
+        memcpy(iov[i].iov_base, (const char *)buf + done, c);
+        done += c;
+    }
+    return done;
+}
+
+/* Fill an iovec array with a byte from offset `start` on. */
+static void pyvu_iov_memset(const struct iovec *iov, unsigned n, size_t start, int byte)
+{
+    for (unsigned i = 0; i < n; i++) {
+        size_t len = iov[i].iov_len;
+        if (start >= len) {
+            start -= len;
+            continue;
+        }
+        memset((char *)iov[i].iov_base + start, byte, len - start);
+        start = 0;
+    }
+}

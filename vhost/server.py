@@ -1,0 +1,547 @@
+"""VuServer: a vhost-user socket served through libvhost-user.
+
+Theory of operation
+-------------------
+One VuServer per export.  It listens on a UNIX socket (or an inherited listening fd) and serves
+one frontend at a time; a second frontend that connects meanwhile is accepted and closed at
+once, with a log line.  libvhost-user (bound with cffi in ``vhost/_build.py``) speaks the
+protocol; we give it our own message reader (``pyvu_read_msg``: a closed connection or a
+malformed frame becomes a disconnect, never ``exit(0)`` or an assert) and implement
+``VuDevIface`` by forwarding to a ``VuDevice`` (``vhost/device.py``).
+
+Threads and locking:
+
+* Messages are dispatched in the main loop (``qemu_get_aio_context()``).
+* Each queue is served in its device-chosen AioContext (an iothread, or the main loop).  Its kick
+  eventfd is ``dup``-ed and watched there, so libvhost-user closing its copy can never race with
+  the other thread's epoll set.
+* libvhost-user has no locking, so ``struct pyvu_dev`` carries a writer-preferring rwlock:
+  ``vu_dispatch`` holds it exclusively, a queue holds it shared while it pops or pushes.
+* Messages that unmap guest memory or stop rings (everything except a short list of harmless
+  ones) must not run while requests are in flight: before dispatching one, the connection sets
+  ``quiescing`` (queues stop popping), takes the lock exclusively, and if requests are still in
+  flight it releases the lock, stops watching the socket, and resumes when the count reaches
+  zero (``aio_wait_until``).  The message itself is still unread in the socket meanwhile: we
+  only peeked at its header.  After dispatch, every queue is rescheduled, since kicks that
+  arrived while quiescing were consumed without popping.
+* Disconnect (EOF, a malformed message, a libvhost-user panic) goes the same way: quiesce, wait
+  for zero in flight, ``vu_deinit``, close, accept the next frontend.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from blocklayer.aio import AioContext, aio_wait_kick, aio_wait_until, qemu_get_aio_context
+from vhost.device import VuDevice
+from vhost.ffi import ffi, lib
+
+log = logging.getLogger("pyvhost_blk.vhost")
+
+ELEM_SIZE = ffi.sizeof("VuVirtqElement")
+VHOST_USER_HDR_SIZE = 12
+VHOST_USER_MAX_CONFIG_SIZE = 256
+
+# Requests that never touch guest memory mappings or stop a ring: no need to wait for in-flight
+# requests before letting libvhost-user handle them (the exclusive lock still applies).
+_NO_QUIESCE = frozenset(
+    {
+        1,  # GET_FEATURES
+        3,  # SET_OWNER
+        12,  # SET_VRING_KICK
+        13,  # SET_VRING_CALL
+        14,  # SET_VRING_ERR
+        15,  # GET_PROTOCOL_FEATURES
+        16,  # SET_PROTOCOL_FEATURES
+        17,  # GET_QUEUE_NUM
+        18,  # SET_VRING_ENABLE
+        21,  # SET_BACKEND_REQ_FD
+        24,  # GET_CONFIG
+        25,  # SET_CONFIG
+        35,  # VRING_KICK
+        36,  # GET_MAX_MEM_SLOTS
+    }
+)
+
+
+class VuQueue:
+    """One virtqueue of a connection, served in ``ctx``.  Counters are per queue."""
+
+    def __init__(self, conn: VuConnection, idx: int, ctx: AioContext) -> None:
+        self.conn = conn
+        self.idx = idx
+        self.ctx = ctx
+        self.vq = lib.pyvu_queue(conn.dev, idx)
+        self.kick_fd = -1  # our dup of libvhost-user's kick eventfd; touched in ctx only
+        self.started = False
+        self.in_flight = 0  # popped, not yet pushed; changed in ctx only
+        self.requests = 0
+        self.kicks = 0
+        self._done: list[tuple[Any, int]] = []
+        self._flush_scheduled = False
+        self._process_scheduled = False
+
+    # -- in self.ctx ----------------------------------------------------------------------------
+    def _attach(self, fd: int) -> None:
+        self._detach()
+        self.kick_fd = fd
+        self.started = True
+        self.ctx.set_fd_handler(fd, self._on_kick)
+        self.process()
+
+    def _detach(self) -> None:
+        if self.kick_fd >= 0:
+            self.ctx.set_fd_handler(self.kick_fd, None)
+            os.close(self.kick_fd)
+            self.kick_fd = -1
+        self.started = False
+
+    def _on_kick(self) -> None:
+        try:
+            os.eventfd_read(self.kick_fd)
+        except BlockingIOError:
+            pass
+        self.kicks += 1
+        self.process()
+
+    def schedule_process(self) -> None:
+        """Any thread: look at the ring again soon (after a quiesce, or a drain)."""
+        if not self._process_scheduled:
+            self._process_scheduled = True
+            self.ctx.schedule(self._scheduled_process)
+
+    def _scheduled_process(self) -> None:
+        self._process_scheduled = False
+        self.process()
+
+    def process(self) -> None:
+        """Pop every available request and hand each to the device.  In self.ctx."""
+        conn = self.conn
+        if not self.started or conn.quiescing or conn.closed:
+            return
+        pdev = conn.pdev
+        lib.pyvu_rdlock(pdev)
+        try:
+            if conn.quiescing or conn.closed:  # re-check now that dispatch cannot run
+                return
+            dev, vq, handle = conn.dev, self.vq, conn.device.handle_request
+            pop = lib.vu_queue_pop
+            while True:
+                p = pop(dev, vq, ELEM_SIZE)
+                if p == ffi.NULL:
+                    break
+                self.in_flight += 1
+                self.requests += 1
+                handle(self, ffi.cast("VuVirtqElement *", p))
+        finally:
+            lib.pyvu_unlock(pdev)
+
+    def complete(self, elem: Any, in_len: int) -> None:
+        """The device is done with ``elem`` (in self.ctx): push it with the next batch."""
+        self._done.append((elem, in_len))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.ctx.schedule(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        done, self._done = self._done, []
+        if not done:
+            return
+        conn = self.conn
+        pdev = conn.pdev
+        lib.pyvu_rdlock(pdev)
+        try:
+            dev, vq = conn.dev, self.vq
+            push, free = lib.vu_queue_push, lib.free
+            for elem, in_len in done:
+                push(dev, vq, elem, in_len)
+                free(elem)
+            lib.vu_queue_notify(dev, vq)
+        finally:
+            lib.pyvu_unlock(pdev)
+        self.in_flight -= len(done)
+        if self.in_flight == 0:
+            aio_wait_kick()
+
+    def stats(self) -> dict[str, int]:
+        return {"queue": self.idx, "requests": self.requests, "kicks": self.kicks,
+                "in-flight": self.in_flight, "iothread": self.ctx.name}
+
+
+class VuConnection:
+    """One connected frontend: a VuDev plus its queues.  Main thread unless stated."""
+
+    def __init__(self, server: VuServer, sock: socket.socket) -> None:
+        self.server = server
+        self.device = server.device
+        self.sock = sock
+        self.main_ctx = qemu_get_aio_context()
+        self.pdev = ffi.new("struct pyvu_dev *")
+        self.dev = ffi.addressof(self.pdev.vu)
+        self._handle = ffi.new_handle(self)
+        self.pdev.handle = self._handle
+        self.quiescing = False
+        self.closed = False
+        self._closing = False
+        self._waiting = False
+        if lib.pyvu_dev_init(self.pdev) != 0:
+            raise OSError(errno.ENOMEM, "pthread_rwlock_init failed")
+        ok = lib.vu_init(
+            self.dev, server.num_queues, sock.fileno(),
+            lib.pyvu_cb_panic, lib.pyvu_read_msg, lib.pyvu_cb_set_watch,
+            lib.pyvu_cb_remove_watch, _IFACE,
+        )
+        if not ok:
+            lib.pyvu_dev_destroy(self.pdev)
+            raise OSError(errno.ENOMEM, "vu_init failed")
+        self.queues = [
+            VuQueue(self, i, self.device.queue_context(i)) for i in range(server.num_queues)
+        ]
+        self.main_ctx.set_fd_handler(sock.fileno(), self._on_readable)
+
+    def in_flight(self) -> int:
+        return sum(q.in_flight for q in self.queues)
+
+    # -- message dispatch -------------------------------------------------------------------
+    def _peek_request(self) -> int | None:
+        """The next message's request code without consuming it; None on EOF/error."""
+        try:
+            hdr = self.sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return -1
+        except OSError:
+            return None
+        if len(hdr) < 4:
+            return None if not hdr else -1
+        return struct.unpack("<i", hdr)[0]
+
+    def _on_readable(self) -> None:
+        if self.closed or self._waiting:
+            return
+        req = self._peek_request()
+        if req is None:
+            self.close("frontend disconnected")
+            return
+        if req == -1:
+            return  # spurious wakeup or partial header: wait for more
+        need_quiesce = req not in _NO_QUIESCE
+        if need_quiesce:
+            self.quiescing = True
+        lib.pyvu_wrlock(self.pdev)
+        if need_quiesce and self.in_flight() > 0:
+            lib.pyvu_unlock(self.pdev)
+            self._wait_for_quiesce(self._on_readable)
+            return
+        try:
+            ok = lib.vu_dispatch(self.dev)
+        finally:
+            lib.pyvu_unlock(self.pdev)
+        if need_quiesce:
+            self.quiescing = False
+            self._reschedule_queues()
+        if self.pdev.eof:
+            self.close("frontend disconnected")
+        elif not ok or self.pdev.bad_msg:
+            why = ffi.string(self.pdev.why).decode(errors="replace")
+            self.close(f"bad vhost-user message: {why or 'dispatch failed'}")
+        elif self.dev.broken:
+            self.close("device marked broken by libvhost-user")
+
+    def _wait_for_quiesce(self, then: Callable[[], None]) -> None:
+        """Stop reading the socket until no request is in flight, then call ``then``."""
+        self._waiting = True
+        self.main_ctx.set_fd_handler(self.sock.fileno(), None)
+
+        def resume() -> None:
+            self._waiting = False
+            if not self.closed:
+                self.main_ctx.set_fd_handler(self.sock.fileno(), self._on_readable)
+            then()
+
+        aio_wait_until(lambda: self.in_flight() == 0, resume)
+
+    def _reschedule_queues(self) -> None:
+        for q in self.queues:
+            q.schedule_process()
+
+    # -- libvhost-user callbacks (main thread, inside vu_dispatch, lock held exclusively) ------
+    def queue_set_started(self, qidx: int, started: bool) -> None:
+        if not 0 <= qidx < len(self.queues):
+            return
+        q = self.queues[qidx]
+        if started:
+            kick = self.dev.vq[qidx].kick_fd
+            if kick < 0:
+                return
+            fd = os.dup(kick)
+            os.set_inheritable(fd, False)
+            q.ctx.schedule(q._attach, fd)
+        else:
+            q.ctx.schedule(q._detach)
+
+    def process_msg(self, request: int) -> bool:
+        """True = handled here (libvhost-user skips it)."""
+        if request == 0:  # VHOST_USER_NONE: libvhost-user would exit(0)
+            self.pdev.eof = 1
+            return True
+        return False
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self, why: str) -> None:
+        """Quiesce, wait for in-flight requests, deinit, close; then the server accepts again."""
+        if self._closing:
+            return
+        self._closing = True
+        self.quiescing = True
+        log.info("%s: %s", self.server.name, why)
+        if self.in_flight() > 0:
+            self._wait_for_quiesce(self._finish_close)
+        else:
+            self._finish_close()
+
+    def _finish_close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.main_ctx.set_fd_handler(self.sock.fileno(), None)
+        for q in self.queues:
+            q.ctx.schedule(q._detach)
+        lib.pyvu_wrlock(self.pdev)
+        try:
+            lib.vu_deinit(self.dev)  # closes the connection's fd too
+        finally:
+            lib.pyvu_unlock(self.pdev)
+        self.sock.detach()
+        self.server._connection_closed(self)
+
+    def stats(self) -> list[dict[str, int]]:
+        return [q.stats() for q in self.queues]
+
+
+class VuServer:
+    """Listens for vhost-user frontends of one device.  Main thread."""
+
+    def __init__(self, name: str, device: VuDevice, listener: socket.socket,
+                 path: str | None) -> None:
+        self.name = name
+        self.device = device
+        self.num_queues = device.num_queues
+        self.listener = listener
+        self.path = path
+        self.conn: VuConnection | None = None
+        self.connections = 0
+        self.queue_totals = [0] * self.num_queues
+        self.main_ctx = qemu_get_aio_context()
+        self.listener.setblocking(False)
+        self.main_ctx.set_fd_handler(listener.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("%s: accept failed: %s", self.name, e)
+            return
+        if self.conn is not None:
+            log.warning("%s: refusing a second frontend while one is attached", self.name)
+            sock.close()
+            return
+        sock.setblocking(True)  # libvhost-user reads a whole message with blocking calls
+        try:
+            self.conn = VuConnection(self, sock)
+        except OSError as e:
+            log.error("%s: cannot serve the frontend: %s", self.name, e)
+            sock.close()
+            return
+        self.connections += 1
+        log.info("%s: frontend connected", self.name)
+        self.device.connection_changed(True)
+
+    def _connection_closed(self, conn: VuConnection) -> None:
+        for q in conn.queues:
+            self.queue_totals[q.idx] += q.requests
+        if self.conn is conn:
+            self.conn = None
+        lib.pyvu_dev_destroy(conn.pdev)
+        self.device.connection_changed(False)
+
+    def in_flight(self) -> int:
+        return self.conn.in_flight() if self.conn else 0
+
+    def stats(self) -> dict[str, Any]:
+        live = self.conn.stats() if self.conn else []
+        queues = []
+        for i in range(self.num_queues):
+            cur = live[i] if i < len(live) else {"requests": 0, "kicks": 0, "in-flight": 0}
+            queues.append({
+                "queue": i,
+                "requests": self.queue_totals[i] + cur["requests"],
+                "iothread": self.device.queue_context(i).name,
+            })
+        return {"connections": self.connections, "connected": self.conn is not None,
+                "queues": queues}
+
+    def shutdown(self, then: Callable[[], None]) -> None:
+        """Stop accepting, disconnect the frontend after its in-flight requests, unlink the
+        socket, then call ``then``."""
+        self.main_ctx.set_fd_handler(self.listener.fileno(), None)
+        self.listener.close()
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        conn = self.conn
+        if conn is None:
+            then()
+            return
+        conn.close("shutting down")
+        aio_wait_until(lambda: conn.closed, then)
+
+
+# -- listening sockets -------------------------------------------------------------------------
+class SocketInUse(Exception):
+    """Another live process owns the socket path."""
+
+
+def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
+    """Listen on ``path``.  A stale socket file (connect refused) is replaced; a live one
+    (connect accepted) raises SocketInUse: never steal a running daemon's socket."""
+    if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(f"'{path}' exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        else:
+            raise SocketInUse(f"socket '{path}' is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(1)
+    return sock
+
+
+def listen_fd(fd: int) -> socket.socket:
+    """Adopt an inherited listening socket (``addr.type=fd``)."""
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM:
+        raise OSError(errno.EINVAL, f"fd {fd} is not a stream socket")
+    return sock
+
+
+# -- VuDevIface, implemented once for every connection -------------------------------------
+def _conn(dev: Any) -> VuConnection:
+    return ffi.from_handle(lib.pyvu_handle(dev))
+
+
+def _log_exc(what: str) -> Callable[..., None]:
+    def onerror(exc_type: Any, exc: Any, tb: Any) -> None:
+        log.error("exception in %s callback", what, exc_info=(exc_type, exc, tb))
+    return onerror
+
+
+@ffi.def_extern(onerror=_log_exc("get_features"))
+def pyvu_cb_get_features(dev: Any) -> int:
+    return _conn(dev).device.get_features()
+
+
+@ffi.def_extern(onerror=_log_exc("set_features"))
+def pyvu_cb_set_features(dev: Any, features: int) -> None:
+    _conn(dev).device.set_features(features)
+
+
+@ffi.def_extern(onerror=_log_exc("get_protocol_features"))
+def pyvu_cb_get_protocol_features(dev: Any) -> int:
+    return _conn(dev).device.get_protocol_features()
+
+
+@ffi.def_extern(onerror=_log_exc("set_protocol_features"))
+def pyvu_cb_set_protocol_features(dev: Any, features: int) -> None:
+    pass
+
+
+@ffi.def_extern(onerror=_log_exc("process_msg"))
+def pyvu_cb_process_msg(dev: Any, vmsg: Any, do_reply: Any) -> int:
+    return 1 if _conn(dev).process_msg(vmsg.request) else 0
+
+
+@ffi.def_extern(onerror=_log_exc("queue_set_started"))
+def pyvu_cb_queue_set_started(dev: Any, qidx: int, started: bool) -> None:
+    _conn(dev).queue_set_started(qidx, started)
+
+
+def _config_error(exc_type: Any, exc: Any, tb: Any) -> int:
+    log.error("exception in config callback", exc_info=(exc_type, exc, tb))
+    return -1
+
+
+@ffi.def_extern(onerror=_config_error)
+def pyvu_cb_get_config(dev: Any, config: Any, length: int) -> int:
+    if length > VHOST_USER_MAX_CONFIG_SIZE:
+        return -1
+    data = _conn(dev).device.get_config(length)
+    if data is None:
+        return -1
+    data = data[:length].ljust(length, b"\0")
+    ffi.memmove(config, data, length)
+    return 0
+
+
+@ffi.def_extern(onerror=_config_error)
+def pyvu_cb_set_config(dev: Any, data: Any, offset: int, size: int, flags: int) -> int:
+    if size > VHOST_USER_MAX_CONFIG_SIZE:
+        return -1
+    ok = _conn(dev).device.set_config(ffi.unpack(ffi.cast("char *", data), size), offset, flags)
+    return 0 if ok else -1
+
+
+@ffi.def_extern(onerror=_log_exc("panic"))
+def pyvu_cb_panic(dev: Any, err: Any) -> None:
+    conn = _conn(dev)
+    msg = ffi.string(err).decode(errors="replace")
+    log.error("%s: libvhost-user: %s", conn.server.name, msg)
+    conn.main_ctx.schedule(conn.close, f"libvhost-user error: {msg}")
+
+
+@ffi.def_extern(onerror=_log_exc("set_watch"))
+def pyvu_cb_set_watch(dev: Any, fd: int, condition: int, cb: Any, data: Any) -> None:
+    # Only used by libvhost-user for queues with a C handler, which we never set.
+    log.debug("ignoring set_watch(fd=%d)", fd)
+
+
+@ffi.def_extern(onerror=_log_exc("remove_watch"))
+def pyvu_cb_remove_watch(dev: Any, fd: int) -> None:
+    pass
+
+
+_IFACE = ffi.new(
+    "VuDevIface *",
+    {
+        "get_features": lib.pyvu_cb_get_features,
+        "set_features": lib.pyvu_cb_set_features,
+        "get_protocol_features": lib.pyvu_cb_get_protocol_features,
+        "set_protocol_features": lib.pyvu_cb_set_protocol_features,
+        "process_msg": lib.pyvu_cb_process_msg,
+        "queue_set_started": lib.pyvu_cb_queue_set_started,
+        "get_config": lib.pyvu_cb_get_config,
+        "set_config": lib.pyvu_cb_set_config,
+    },
+)
