@@ -38,7 +38,7 @@ Send SIGTERM or SIGINT to finish in-flight requests, remove the sockets and exit
 
 # option -> implied key (as qemu-storage-daemon)
 _IMPLIED = {
-    "blockdev": None,
+    "blockdev": "driver",
     "export": "type",
     "object": "qom-type",
     "chardev": "backend",
