@@ -319,6 +319,10 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _cpu_pair(o: dict | None, q: dict | None, key: str) -> str:
+    return f"{_fmt(o and o[key], '.0f')}/{_fmt(q and q[key], '.0f')}"
+
+
 def print_table(results: list[dict], out=sys.stdout) -> None:
     header = (f"{'case':<29} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours/qsd':>8} "
               f"{'ours lat':>9} {'qsd lat':>9} {'client CPU%':>12} {'daemon CPU%':>12}")
@@ -329,8 +333,8 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
         oi = o["iops_median"] if o else None
         qi = q["iops_median"] if q else None
         ratio = f"{oi / qi:.2f}" if oi and qi else "-"
-        ccpu = f"{_fmt(o and o['client_cpu_pct_mean'], '.0f')}/{_fmt(q and q['client_cpu_pct_mean'], '.0f')}"
-        dcpu = f"{_fmt(o and o['daemon_cpu_pct_mean'], '.0f')}/{_fmt(q and q['daemon_cpu_pct_mean'], '.0f')}"
+        ccpu = _cpu_pair(o, q, "client_cpu_pct_mean")
+        dcpu = _cpu_pair(o, q, "daemon_cpu_pct_mean")
         flag = ""
         other = max((s["other_cpu_pct_max"] or 0.0) for s in (o, q) if s) if (o or q) else 0.0
         if other > BUSY_OTHER_PCT:
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = build_client()
     except RuntimeError as exc:
-        raise SystemExit(f"benchmarks.run: {exc}")
+        raise SystemExit(f"benchmarks.run: {exc}") from None
 
     load1 = os.getloadavg()[0]
     if load1 > 0.7:
@@ -561,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         meta = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": platform.node(),
             "kernel": platform.release(),
             "cpus": os.cpu_count(),

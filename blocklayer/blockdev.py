@@ -17,7 +17,6 @@ from blocklayer.bdrv import BlockDriverError, BlockDriverState, _drivers, _nodes
 from blocklayer.blockdev_options import enum_of
 from pyvhost_blk.keyval import KeyvalError, to_bool, to_str
 
-
 COMMON_OPTIONS = {
     "driver": to_str,
     "node-name": to_str,
@@ -66,7 +65,7 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False) -> BlockDriverSt
         opts[name] = conv(value, name, from_json=from_json)
     node_name = opts["node-name"]
     if not _NODE_NAME.match(node_name):
-        raise KeyvalError("Invalid node-name: '%s'" % node_name)
+        raise KeyvalError(f"Invalid node-name: '{node_name}'")
     if node_name in _nodes:
         raise BlockDriverError(f"Duplicate nodes with node-name='{node_name}'")
     drv = cls(node_name, opts)

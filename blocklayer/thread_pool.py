@@ -54,7 +54,9 @@ class ThreadPool:
 _pool: ThreadPool | None = None
 
 
-def thread_pool_submit_aio(ctx: AioContext, fn: Callable[[], int], cb: Callable[[int], None]) -> None:
+def thread_pool_submit_aio(
+    ctx: AioContext, fn: Callable[[], int], cb: Callable[[int], None]
+) -> None:
     global _pool
     if _pool is None:
         _pool = ThreadPool()

@@ -65,7 +65,7 @@ class Daemon:
     def configure(self, cl: CommandLine) -> None:
         """Create everything the command line asks for.  Raises UsageError."""
         self.stats_file = cl.stats_file
-        for opt, text, parsed in cl.items:
+        for opt, text, _parsed in cl.items:
             if opt in ("chardev", "monitor"):
                 raise UsageError(
                     f"--{opt} {text}: the QMP monitor is not implemented yet in pyvhost-blk"
@@ -98,7 +98,9 @@ class Daemon:
                        "aio-max-batch", "thread-pool-min", "thread-pool-max"))
         oid = to_str(require(v, "id"), "id", from_json=j)
         if oid in self.iothreads:
-            raise KeyvalError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
+            raise KeyvalError(
+                f"attempt to add duplicate property '{oid}' to object (type 'container')"
+            )
         poll = to_int(v["poll-max-ns"], "poll-max-ns", from_json=j) if "poll-max-ns" in v else 0
         t = IOThread(oid, poll)
         t.start()

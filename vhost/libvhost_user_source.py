@@ -9,7 +9,8 @@ The build needs ``libvhost-user.c``/``.h`` plus the QEMU headers its symlinks po
 Where it comes from, in order:
 
 1. ``PYVHOST_BLK_QEMU_SRC`` — an existing QEMU source tree (or an extracted source package);
-2. the cache (``$PYVHOST_BLK_CACHE`` or ``$XDG_CACHE_HOME/pyvhost-blk`` or ``~/.cache/pyvhost-blk``),
+2. the cache (``$PYVHOST_BLK_CACHE``, else ``$XDG_CACHE_HOME/pyvhost-blk``, else
+   ``~/.cache/pyvhost-blk``),
    filled on first use by ``apt-get source --download-only qemu/trixie`` (Debian's newest QEMU;
    ``scripts/install-deps.sh`` adds the ``deb-src`` entry), from which only the few needed
    directories are extracted.

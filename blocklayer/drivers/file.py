@@ -15,8 +15,8 @@ import os
 from typing import Any
 
 from blocklayer.aio import AioContext
-from blocklayer.blockdev_options import enum_of
 from blocklayer.bdrv import BDRV_REQ_FUA, BlockDriver, BlockDriverError, Completion, bdrv_register
+from blocklayer.blockdev_options import enum_of
 from blocklayer.io_uring import OP_FSYNC, OP_READ, OP_WRITE, luring_get
 from blocklayer.iov import IOVector
 from blocklayer.thread_pool import thread_pool_submit_aio

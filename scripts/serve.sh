@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up pyvhost-blk and serve a default disk image over vhost-user, printing the QEMU command
+# line that attaches it.  Environment: IMAGE (default ./pyvhost-blk-disk.img, created 1 GiB),
+# SOCK (default /tmp/pyvhost-blk.sock), QUEUES (default 1).  Ctrl-C stops it cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+IMAGE=${IMAGE:-$PWD/pyvhost-blk-disk.img}
+SOCK=${SOCK:-/tmp/pyvhost-blk.sock}
+QUEUES=${QUEUES:-1}
+if [ ! -e "$IMAGE" ]; then
+    qemu-img create -f raw "$IMAGE" 1G >/dev/null
+    echo "created $IMAGE (1 GiB raw)"
+fi
+cat <<EOT
+
+Serving $IMAGE on $SOCK ($QUEUES queue(s)).  Attach it with:
+
+  qemu-system-x86_64 -machine q35 -m 1G -smp 2 \\
+    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\
+    -chardev socket,id=c0,path=$SOCK \\
+    -device vhost-user-blk-pci,chardev=c0,num-queues=$QUEUES \\
+    ... your usual -kernel/-drive/-cdrom options ...
+
+(The guest sees it as /dev/vda when it is the only virtio disk.  Ctrl-C here stops serving.)
+
+EOT
+exec pyvhost-blk \
+    --blockdev "driver=file,node-name=disk0,filename=$IMAGE,aio=io_uring" \
+    --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES"
