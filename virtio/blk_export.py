@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from blocklayer.aio import AioContext, qemu_get_aio_context
+from blocklayer.bdrv import BlockDriverState
 from blocklayer.block_backend import (
     BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
@@ -35,7 +36,6 @@ from blocklayer.block_backend import (
     blk_set_enable_write_cache,
     blk_unref,
 )
-from blocklayer.bdrv import BlockDriverState
 from vhost.ffi import ffi
 from vhost.server import VuQueue, VuServer
 from virtio.blk_config import WCE_OFFSET, VirtioBlkConfig
