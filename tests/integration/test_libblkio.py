@@ -242,3 +242,32 @@ def test_bad_options_one_clear_line(args: list[str], message: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("pyvhost-blk: ") and message in lines[0], lines[0]
+
+
+def test_json_options_and_two_exports_in_one_process(tmp_path: Path, image: Path) -> None:
+    """qsd's JSON syntax, two --blockdev/--export pairs, a JSON iothread list."""
+    img2 = tmp_path / "second.img"
+    with open(img2, "wb") as f:
+        f.truncate(64 << 20)
+    s1, s2 = tmp_path / "one.sock", tmp_path / "two.sock"
+    args = [
+        "--object", '{"qom-type": "iothread", "id": "io0"}',
+        "--object", "iothread,id=io1",
+        "--blockdev", f'{{"driver": "file", "node-name": "a", "filename": "{image}"}}',
+        "--blockdev", f"file,node-name=b,filename={img2},aio=io_uring",
+        "--export", '{"type": "vhost-user-blk", "id": "e1", "node-name": "a", "writable": true,'
+                    f' "addr": {{"type": "unix", "path": "{s1}"}}, "num-queues": 2,'
+                    ' "iothread": ["io0", "io1"]}',
+        "--export", f"vhost-user-blk,id=e2,node-name=b,addr.type=unix,addr.path={s2},"
+                    "writable=on,logical-block-size=4096",
+    ]
+    with DaemonProcess(args, tmp_path) as d:
+        rc, out, err = run_client(str(s1), "--mode", "verify", "--queues", "2", "--blocks", "300")
+        assert rc == 0 and out["capacity"] == IMG_SIZE, (out, err)
+        rc, out, err = run_client(str(s2), "--mode", "verify", "--blocks", "300")
+        assert rc == 0 and out["capacity"] == 64 << 20, (out, err)
+        s = d.stats()
+        assert [q["iothread"] for q in s["exports"]["e1"]["queues"]] == ["io0", "io1"]
+        assert s["exports"]["e2"]["queues"][0]["iothread"] == "main"
+        assert s["exports"]["e2"]["blockstats"]["wr_operations"] == 300
+        assert d.terminate() == 0
