@@ -45,6 +45,11 @@ class AioContext:
         self._handlers: dict[int, Callable[[], None]] = {}
         self._bh: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
         self._bh_lock = threading.Lock()
+        # Filled by signal handlers, which may interrupt this thread while it holds _bh_lock:
+        # deque.append/popleft are atomic, so this one needs no lock.
+        self._signal_bh: collections.deque[tuple[Callable[..., Any], tuple]] = (
+            collections.deque()
+        )
         self._blocked = False  # True while (about to be) waiting in epoll with no timeout
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
@@ -70,7 +75,8 @@ class AioContext:
 
     # -- bottom halves (any thread) ----------------------------------------------------------
     def schedule(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run fn(*args) soon in this context.  Safe from any thread and from signal handlers."""
+        """Run fn(*args) soon in this context.  Safe from any thread (signal handlers use
+        schedule_from_signal_handler)."""
         with self._bh_lock:
             self._bh.append((fn, args))
             wake = self._blocked
@@ -78,8 +84,21 @@ class AioContext:
         if wake:
             os.eventfd_write(self._wake_fd, 1)
 
+    def schedule_from_signal_handler(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Like schedule(), for Python signal handlers (which run between any two bytecodes of
+        the main thread, possibly while it holds the BH lock)."""
+        self._signal_bh.append((fn, args))
+        os.eventfd_write(self._wake_fd, 1)
+
     def _run_bhs(self) -> bool:
         ran = False
+        while self._signal_bh:
+            fn, args = self._signal_bh.popleft()
+            ran = True
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("unhandled exception in bottom half %r", fn)
         while True:
             with self._bh_lock:
                 if not self._bh:

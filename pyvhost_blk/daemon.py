@@ -181,6 +181,7 @@ class Daemon:
     def abort(self) -> None:
         """Startup failed: undo what configure() created (sockets, threads, pidfile)."""
         for s in self.servers:
+            self.main_ctx.set_fd_handler(s.listener.fileno(), None)
             s.listener.close()
             if s.path:
                 try:
@@ -201,12 +202,15 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_signal)
-        signal.signal(signal.SIGUSR1, lambda *_: self.main_ctx.schedule(self.write_stats))
+        signal.signal(
+            signal.SIGUSR1,
+            lambda *_: self.main_ctx.schedule_from_signal_handler(self.write_stats),
+        )
         self.main_ctx.run(should_stop=lambda: self.done)
         return 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.main_ctx.schedule(self.shutdown, signal.Signals(signum).name)
+        self.main_ctx.schedule_from_signal_handler(self.shutdown, signal.Signals(signum).name)
 
     def shutdown(self, why: str = "quit") -> None:
         """Main thread: finish in-flight requests, close every export, then stop."""

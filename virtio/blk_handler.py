@@ -20,7 +20,6 @@ Threads: ``process_req`` runs in the AioContext that owns the virtqueue; so does
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -144,7 +143,7 @@ class VirtioBlkHandler:
             in_len = 1 if is_write else qiov.size + 1
 
             def rw_done(ret: int) -> None:
-                done(S_OK if ret >= 0 else _errno_status(ret), in_len)
+                done(S_OK if ret >= 0 else S_IOERR, in_len)
 
             offset = sector << VIRTIO_BLK_SECTOR_BITS
             if is_write:
@@ -164,7 +163,3 @@ class VirtioBlkHandler:
             done(S_OK, size + 1)
         else:
             done(S_UNSUPP, 1)
-
-
-def _errno_status(ret: int) -> int:
-    return S_UNSUPP if ret == -errno.ENOTSUP else S_IOERR
