@@ -24,6 +24,7 @@ from blocklayer.iov import IOVector
 
 Completion = Callable[[int], None]
 
+BDRV_REQ_MAY_UNMAP = 0x4  # write_zeroes may deallocate instead of writing
 BDRV_REQ_FUA = 0x10  # QEMU's flag value: write must be on stable storage before completing
 
 
@@ -58,6 +59,20 @@ class BlockDriver:
     def aio_flush(self, ctx: AioContext, cb: Completion) -> None:
         cb(0)
 
+    def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
+        """Deallocate a range (contents become unspecified).  Default: nothing to do."""
+        cb(0)
+
+    def aio_pwrite_zeroes(
+        self, ctx: AioContext, offset: int, nbytes: int, flags: int, cb: Completion
+    ) -> None:
+        """Make a range read as zeroes; BDRV_REQ_MAY_UNMAP allows deallocating it."""
+        cb(-errno.ENOTSUP)
+
+    def truncate(self, size: int) -> None:
+        """Change the length (main thread, node drained).  Raises OSError."""
+        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+
     def close(self) -> None:
         pass
 
@@ -65,11 +80,18 @@ class BlockDriver:
 class BlockDriverState:
     """One node: a driver instance plus the generic state QEMU keeps per node."""
 
-    def __init__(self, node_name: str, drv: BlockDriver, read_only: bool) -> None:
+    def __init__(
+        self, node_name: str, drv: BlockDriver, read_only: bool, discard: str = "ignore",
+        detect_zeroes: str = "off",
+    ) -> None:
         self.node_name = node_name
         self.drv = drv
         self.read_only = read_only
+        #: BDRV_O_UNMAP: discard requests reach the driver (QEMU's default is to ignore them)
+        self.unmap = discard in ("unmap", "on")
+        self.detect_zeroes = detect_zeroes
         self.refcnt = 1
+        self.quiesce_counter = 0
         self.parents: list[Any] = []  # BlockBackends attached to this node
 
     def bdrv_getlength(self) -> int:
@@ -79,12 +101,64 @@ class BlockDriverState:
         return self.read_only
 
     def to_dict(self) -> dict[str, Any]:
+        """The main fields of QMP's BlockDeviceInfo (query-named-block-nodes)."""
         return {
             "node-name": self.node_name,
             "drv": self.drv.format_name,
             "ro": self.read_only,
-            "virtual-size": self.bdrv_getlength(),
+            "file": getattr(self.drv, "filename", ""),
+            "encrypted": False,
+            "detect_zeroes": self.detect_zeroes,
+            "write_threshold": 0,
+            "image": {"virtual-size": self.bdrv_getlength(),
+                      "filename": getattr(self.drv, "filename", ""),
+                      "format": self.drv.format_name},
+            "cache": {"writeback": True, "direct": bool(getattr(self.drv, "direct", False)),
+                      "no-flush": bool(getattr(self.drv, "no_flush", False))},
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         }
+
+
+# -- drain, resize, media: the node side of BdrvChild callbacks ---------------------------
+# A node's parents are BlockBackends; they implement root_drained_begin/end/poll,
+# root_resize and root_change_media (block-backend.c's child_root class).
+
+def bdrv_drained_begin(bs: BlockDriverState) -> None:
+    """Main thread: quiesce every parent (they stop submitting new requests)."""
+    bs.quiesce_counter += 1
+    for parent in list(bs.parents):
+        parent.root_drained_begin()
+
+
+def bdrv_drained_end(bs: BlockDriverState) -> None:
+    """Main thread: end one drained section; parents resume when the count reaches zero."""
+    assert bs.quiesce_counter > 0
+    bs.quiesce_counter -= 1
+    for parent in list(bs.parents):
+        parent.root_drained_end()
+
+
+def bdrv_drain_poll(bs: BlockDriverState) -> bool:
+    """True while some parent still has requests in flight."""
+    return any(parent.root_drained_poll() for parent in bs.parents)
+
+
+def bdrv_drained(bs: BlockDriverState, then: Callable[[], None]) -> None:
+    """Main thread: begin a drained section and call ``then()`` once nothing is in flight.
+    The caller ends the section with ``bdrv_drained_end``."""
+    from blocklayer.aio import aio_wait_until
+
+    bdrv_drained_begin(bs)
+    aio_wait_until(lambda: not bdrv_drain_poll(bs), then)
+
+
+def bdrv_truncate(bs: BlockDriverState, size: int) -> None:
+    """Main thread: change the node's length, then tell its parents (resize_cb)."""
+    if bs.read_only:
+        raise OSError(errno.EACCES, "Image is read-only")
+    bs.drv.truncate(size)
+    for parent in list(bs.parents):
+        parent.root_resize()
 
 
 _drivers: dict[str, type[BlockDriver]] = {}

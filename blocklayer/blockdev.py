@@ -69,6 +69,9 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False) -> BlockDriverSt
     if node_name in _nodes:
         raise BlockDriverError(f"Duplicate nodes with node-name='{node_name}'")
     drv = cls(node_name, opts)
-    bs = BlockDriverState(node_name, drv, read_only=opts.get("read-only", False))
+    bs = BlockDriverState(
+        node_name, drv, read_only=opts.get("read-only", False),
+        discard=opts.get("discard", "ignore"), detect_zeroes=opts.get("detect-zeroes", "off"),
+    )
     _nodes[node_name] = bs
     return bs
