@@ -69,6 +69,10 @@ class BlockDriver:
         """Make a range read as zeroes; BDRV_REQ_MAY_UNMAP allows deallocating it."""
         cb(-errno.ENOTSUP)
 
+    def set_perm(self, perm: int, shared: int) -> None:
+        """The node's users now hold ``perm`` and share ``shared`` (QEMU's BLK_PERM_* bits).
+        Drivers backed by a file lock the image here; raise PermissionError to refuse."""
+
     def truncate(self, size: int) -> None:
         """Change the length (main thread, node drained).  Raises OSError."""
         raise OSError(errno.ENOTSUP, "Image format driver does not support resize")

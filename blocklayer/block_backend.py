@@ -3,34 +3,59 @@
 Theory of operation
 -------------------
 This is QEMU's ``block/block-backend.c`` carried into Python, keeping its names so the two can
-be read side by side.  A BlockBackend (``blk``) is created with ``blk_new``, gets its root node
-with ``blk_insert_bs``, and serves asynchronous requests:
+be read side by side.  A BlockBackend (``blk``) is created with ``blk_new(ctx, perm, shared)``,
+gets its root node with ``blk_insert_bs``, and serves asynchronous requests:
 
-* ``blk_aio_preadv`` / ``blk_aio_pwritev`` / ``blk_aio_flush`` check the request
-  (``blk_check_byte_request``: no medium → -ENOMEDIUM, negative offset, beyond the end or larger
-  than INT_MAX → -EIO), count it in flight (``blk_inc_in_flight``), pass it to the root node's
-  driver, and call ``cb(ret)`` when it is done.
-* Like QEMU, the completion callback never runs inside the ``blk_aio_*`` call itself: a driver
-  that finishes synchronously is deferred to a bottom half (``has_returned``).
-* Completions run in the AioContext that submitted the request (the caller's, found with
-  ``current_aio_context()``): a multiqueue device submits from several iothreads at once.
-* ``blk_dec_in_flight`` kicks ``aio_wait`` so that drains waiting for zero make progress.
+* ``blk_aio_preadv`` / ``blk_aio_pwritev`` / ``blk_aio_flush`` / ``blk_aio_pdiscard`` /
+  ``blk_aio_pwrite_zeroes`` check the request (``blk_check_byte_request``: no medium or an open
+  tray → -ENOMEDIUM, negative offset, beyond the end or larger than INT_MAX → -EIO), count it in
+  flight, pass it to the root node's driver, and call ``cb(ret)`` when it is done (0 or a
+  negative errno).  The callback never runs inside the ``blk_aio_*`` call itself.
+* Completions run in the AioContext that submitted the request (``current_aio_context()``):
+  a multiqueue device submits from several iothreads at once.
+* **Drain.**  ``bdrv_drained_begin(node)`` calls ``root_drained_begin`` on every parent: the
+  quiesce counter goes up and, on 0 → 1, the device's ``drained_begin`` stops it from submitting.
+  ``root_drained_poll`` is true while requests (or the device's own) are in flight.  A request
+  that still arrives while the counter is non-zero is *queued* (``blk_wait_while_drained``), not
+  counted in flight, and resubmitted in its own context when the section ends — never failed or
+  dropped — unless the device disabled queuing (exports do, as QEMU's do: they stop popping
+  from their rings instead, and count what they already popped in ``drained_poll``).
+* **Error policy.**  ``blk_get_error_action`` maps ``rerror``/``werror`` (report, ignore,
+  enospc, stop) and an errno to an action; ``blk_error_action`` updates ``iostatus`` and sends
+  BLOCK_IO_ERROR.  Keeping and retrying requests on ``stop`` is the device's job.
+* **Permissions.**  A BlockBackend asks for ``perm`` and shares ``shared_perm``; the node
+  combines its parents' wishes, refuses conflicts between them, and hands the result to its
+  driver (which locks the image file as QEMU does).
 * With the write cache disabled (``blk_set_enable_write_cache(False)``), writes carry FUA.
 
-Threads: any function may be called from any AioContext's home thread; shared counters are
-protected by a lock (``in_flight``) or by BlockAcctStats' own lock.
+Threads: ``blk_aio_*`` run in any AioContext's home thread; everything else in the main
+thread.  State shared between threads (in-flight count, quiesce counter, queued requests) is
+changed under ``blk._lock``.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
 
 from blocklayer.accounting import BlockAcctStats, BlockAcctType
 from blocklayer.aio import AioContext, aio_wait_kick, aio_wait_until, current_aio_context
-from blocklayer.bdrv import BDRV_REQ_FUA, BlockDriverState, bdrv_unref
+from blocklayer.bdrv import (
+    BDRV_REQ_FUA,
+    BDRV_REQ_MAY_UNMAP,
+    BlockDriverState,
+    bdrv_drained_begin,
+    bdrv_drained_end,
+    bdrv_unref,
+)
+from blocklayer.dev_ops import BlockDevOps
+from blocklayer.events import qapi_event_send
 from blocklayer.iov import IOVector
 
 INT_MAX = 2**31 - 1
@@ -39,11 +64,35 @@ BLK_PERM_CONSISTENT_READ = 0x01
 BLK_PERM_WRITE = 0x02
 BLK_PERM_WRITE_UNCHANGED = 0x04
 BLK_PERM_RESIZE = 0x08
-BLK_PERM_ALL = 0x1F
+BLK_PERM_ALL = 0x0F
+PERM_NAMES = {
+    BLK_PERM_CONSISTENT_READ: "consistent read",
+    BLK_PERM_WRITE: "write",
+    BLK_PERM_WRITE_UNCHANGED: "write unchanged",
+    BLK_PERM_RESIZE: "resize",
+}
 
 Completion = Callable[[int], None]
 
-_all_blks: list[BlockBackend] = []
+
+class BlockdevOnError(StrEnum):
+    REPORT = "report"
+    IGNORE = "ignore"
+    ENOSPC = "enospc"
+    STOP = "stop"
+    AUTO = "auto"
+
+
+class BlockErrorAction(StrEnum):
+    REPORT = "report"
+    IGNORE = "ignore"
+    STOP = "stop"
+
+
+class BlockDeviceIoStatus(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    NOSPACE = "nospace"
 
 
 class BlockBackend:
@@ -56,12 +105,65 @@ class BlockBackend:
         self.refcnt = 1
         self.root: BlockDriverState | None = None
         self.name = ""
+        self.dev: Any = None
+        self.dev_ops: BlockDevOps | None = None
+        self.root_state_read_only = False
         self.enable_write_cache = True
         self.allow_write_beyond_eof = False
+        self.allow_aio_context_change = False
+        self.disable_request_queuing = False
+        self.iostatus_enabled = False
+        self.iostatus = BlockDeviceIoStatus.OK
+        self.on_read_error = BlockdevOnError.REPORT
+        self.on_write_error = BlockdevOnError.ENOSPC
         self.in_flight = 0
-        self._in_flight_lock = threading.Lock()
+        self.quiesce_counter = 0
+        self.queued_requests: collections.deque[tuple[AioContext, Callable[[], None]]] = (
+            collections.deque()
+        )
+        self._lock = threading.Lock()
         self.stats = BlockAcctStats()
-        self.dev: object | None = None
+        self.insert_bs_notifiers: list[Callable[[BlockBackend], None]] = []
+        self.remove_bs_notifiers: list[Callable[[BlockBackend], None]] = []
+        self.aio_context_notifiers: list[Callable[[AioContext], None]] = []
+
+    # -- the BdrvChild side: called by the root node (main thread) ------------------------
+    def root_drained_begin(self) -> None:
+        with self._lock:
+            self.quiesce_counter += 1
+            first = self.quiesce_counter == 1
+        if first and self.dev_ops and self.dev_ops.drained_begin:
+            self.dev_ops.drained_begin()
+
+    def root_drained_poll(self) -> bool:
+        busy = self.in_flight > 0
+        if self.dev_ops and self.dev_ops.drained_poll:
+            busy = self.dev_ops.drained_poll() or busy
+        return busy
+
+    def root_drained_end(self) -> None:
+        with self._lock:
+            assert self.quiesce_counter > 0
+            self.quiesce_counter -= 1
+            last = self.quiesce_counter == 0
+            queued = list(self.queued_requests) if last else []
+            if last:
+                self.queued_requests.clear()
+        if last and self.dev_ops and self.dev_ops.drained_end:
+            self.dev_ops.drained_end()
+        for ctx, resume in queued:  # restart in the context that submitted them
+            ctx.schedule(resume)
+
+    def root_resize(self) -> None:
+        if self.dev_ops and self.dev_ops.resize_cb:
+            self.dev_ops.resize_cb()
+
+    def root_change_media(self, load: bool) -> None:
+        blk_dev_change_media_cb(self, load)
+
+
+# -- life cycle (main thread) --------------------------------------------------------------
+_all_blks: list[BlockBackend] = []
 
 
 def blk_new(ctx: AioContext, perm: int, shared_perm: int) -> BlockBackend:
@@ -76,7 +178,8 @@ def blk_ref(blk: BlockBackend) -> None:
 
 
 def blk_unref(blk: BlockBackend) -> None:
-    """Drop a reference; the last one drains, detaches the root node and frees the backend."""
+    """Drop a reference; the last one detaches the root node and frees the backend.
+    The caller must have drained it (no request in flight)."""
     assert blk.refcnt > 0
     blk.refcnt -= 1
     if blk.refcnt == 0:
@@ -93,43 +196,164 @@ def blk_bs(blk: BlockBackend) -> BlockDriverState | None:
     return blk.root
 
 
-def blk_insert_bs(blk: BlockBackend, bs: BlockDriverState) -> None:
-    """Attach ``bs`` as the root node.  Raises PermissionError if the node cannot grant
-    the permissions the backend asked for (a writer on a read-only node)."""
-    assert blk.root is None
-    if blk.perm & BLK_PERM_WRITE and (bs.read_only or not bs.drv.can_write()):
-        raise PermissionError(f"Block node '{bs.node_name}' is read-only")
-    bs.refcnt += 1
-    bs.parents.append(blk)
-    blk.root = bs
-
-
-def blk_remove_bs(blk: BlockBackend) -> None:
-    """Detach the root node (if any), dropping the backend's reference on it."""
-    bs = blk.root
-    if bs is None:
-        return
-    blk.root = None
-    bs.parents.remove(blk)
-    bdrv_unref(bs)
-
-
 def blk_name(blk: BlockBackend) -> str:
     return blk.name
 
 
+def _perm_names(perm: int) -> str:
+    return ", ".join(n for bit, n in PERM_NAMES.items() if perm & bit)
+
+
+def bdrv_check_parent_perms(
+    bs: BlockDriverState, new: BlockBackend | None, perm: int, shared: int
+) -> tuple[int, int]:
+    """The node's combined (perm, shared) with ``new`` asking for (perm, shared), or
+    PermissionError in QEMU's words if it conflicts with another parent."""
+    total_perm, total_shared = perm, shared
+    for other in bs.parents:
+        if other is new:
+            continue
+        if perm & ~other.shared_perm:
+            raise PermissionError(
+                f"Conflicts with use by {other.name or 'a block device'} as 'root', which does "
+                f"not allow '{_perm_names(perm & ~other.shared_perm)}' on {bs.node_name}"
+            )
+        if other.perm & ~shared:
+            raise PermissionError(
+                f"Conflicts with use by {other.name or 'a block device'} as 'root', which uses "
+                f"'{_perm_names(other.perm & ~shared)}' on {bs.node_name}"
+            )
+        total_perm |= other.perm
+        total_shared &= other.shared_perm
+    return total_perm, total_shared
+
+
+def _bdrv_apply_perms(bs: BlockDriverState, perm: int, shared: int) -> None:
+    if perm & (BLK_PERM_WRITE | BLK_PERM_RESIZE) and (bs.read_only or not bs.drv.can_write()):
+        raise PermissionError(f"Block node '{bs.node_name}' is read-only")
+    bs.drv.set_perm(perm, shared)
+
+
+def blk_set_perm(blk: BlockBackend, perm: int, shared_perm: int) -> None:
+    """Change the permissions the user of ``blk`` needs/shares; raises PermissionError (and
+    changes nothing) if the node or another user of the image refuses."""
+    bs = blk.root
+    if bs is not None:
+        total = bdrv_check_parent_perms(bs, blk, perm, shared_perm)
+        _bdrv_apply_perms(bs, *total)
+    blk.perm, blk.shared_perm = perm, shared_perm
+
+
+def blk_insert_bs(blk: BlockBackend, bs: BlockDriverState) -> None:
+    """Attach ``bs`` as the root node.  Raises PermissionError if the node, another parent, or
+    another process holding the image cannot grant ``blk``'s permissions."""
+    assert blk.root is None
+    total = bdrv_check_parent_perms(bs, blk, blk.perm, blk.shared_perm)
+    _bdrv_apply_perms(bs, *total)
+    bs.refcnt += 1
+    bs.parents.append(blk)
+    blk.root = bs
+    for _ in range(bs.quiesce_counter):  # attaching to a drained node drains us too
+        blk.root_drained_begin()
+    for n in list(blk.insert_bs_notifiers):
+        n(blk)
+
+
+def blk_remove_bs(blk: BlockBackend) -> None:
+    """Detach the root node (if any), keeping its read-only flag as the root state.
+    The caller must have drained ``blk``."""
+    bs = blk.root
+    if bs is None:
+        return
+    for n in list(blk.remove_bs_notifiers):
+        n(blk)
+    blk.root_state_read_only = bs.read_only
+    for _ in range(bs.quiesce_counter):
+        blk.root_drained_end()
+    blk.root = None
+    bs.parents.remove(blk)
+    try:
+        perm, shared = bdrv_check_parent_perms(bs, None, 0, BLK_PERM_ALL)
+        bs.drv.set_perm(perm, shared)
+    except PermissionError:
+        pass  # giving up permissions cannot conflict
+    bdrv_unref(bs)
+
+
+# -- device model ----------------------------------------------------------------------------
+def blk_attach_dev(blk: BlockBackend, dev: Any) -> None:
+    blk.dev = dev
+    blk.iostatus_enabled = False
+    blk.iostatus = BlockDeviceIoStatus.OK
+
+
+def blk_set_dev_ops(blk: BlockBackend, ops: BlockDevOps) -> None:
+    """Register the device's callbacks; a device attached to a drained node is told so."""
+    blk.dev_ops = ops
+    if blk.quiesce_counter and ops.drained_begin:
+        ops.drained_begin()
+
+
+def blk_dev_has_removable_media(blk: BlockBackend) -> bool:
+    return blk.dev is None or bool(blk.dev_ops and blk.dev_ops.change_media_cb)
+
+
+def blk_dev_has_tray(blk: BlockBackend) -> bool:
+    return bool(blk.dev_ops and blk.dev_ops.is_tray_open)
+
+
+def blk_dev_is_tray_open(blk: BlockBackend) -> bool:
+    if blk_dev_has_tray(blk):
+        return blk.dev_ops.is_tray_open()
+    return False
+
+
+def blk_dev_is_medium_locked(blk: BlockBackend) -> bool:
+    if blk.dev_ops and blk.dev_ops.is_medium_locked:
+        return blk.dev_ops.is_medium_locked()
+    return False
+
+
+def blk_dev_eject_request(blk: BlockBackend, force: bool) -> None:
+    if blk.dev_ops and blk.dev_ops.eject_request_cb:
+        blk.dev_ops.eject_request_cb(force)
+
+
+def blk_dev_change_media_cb(blk: BlockBackend, load: bool) -> None:
+    """Tell the device a medium was loaded/ejected; sends DEVICE_TRAY_MOVED if its tray moved.
+    A refused load raises ValueError."""
+    if blk.dev_ops and blk.dev_ops.change_media_cb:
+        was_open = blk_dev_is_tray_open(blk)
+        blk.dev_ops.change_media_cb(load)
+        is_open = blk_dev_is_tray_open(blk)
+        if was_open != is_open:
+            qapi_event_send(
+                "DEVICE_TRAY_MOVED",
+                {"device": blk.name, "id": getattr(blk.dev, "id", blk.name), "tray-open": is_open},
+            )
+
+
+def blk_dev_resize_cb(blk: BlockBackend) -> None:
+    blk.root_resize()
+
+
+# -- state queries -----------------------------------------------------------------------------
 def blk_is_inserted(blk: BlockBackend) -> bool:
     return blk.root is not None
 
 
 def blk_is_available(blk: BlockBackend) -> bool:
-    """A medium is inserted (tray logic arrives with BlockDevOps)."""
-    return blk_is_inserted(blk)
+    """A medium is inserted and the tray (if any) is closed."""
+    return blk_is_inserted(blk) and not blk_dev_is_tray_open(blk)
 
 
 def blk_is_read_only(blk: BlockBackend) -> bool:
     bs = blk.root
-    return bs.bdrv_is_read_only() if bs is not None else False
+    return bs.bdrv_is_read_only() if bs is not None else blk.root_state_read_only
+
+
+def blk_is_writable(blk: BlockBackend) -> bool:
+    return bool(blk.perm & BLK_PERM_WRITE)
 
 
 def blk_getlength(blk: BlockBackend) -> int:
@@ -148,6 +372,21 @@ def blk_get_aio_context(blk: BlockBackend) -> AioContext:
     return blk.ctx
 
 
+def blk_set_aio_context(blk: BlockBackend, ctx: AioContext) -> None:
+    """Main thread, drained: move the backend's home context; notifies the device."""
+    blk.ctx = ctx
+    for n in list(blk.aio_context_notifiers):
+        n(ctx)
+
+
+def blk_set_allow_aio_context_change(blk: BlockBackend, allow: bool) -> None:
+    blk.allow_aio_context_change = allow
+
+
+def blk_set_disable_request_queuing(blk: BlockBackend, disable: bool) -> None:
+    blk.disable_request_queuing = disable
+
+
 def blk_enable_write_cache(blk: BlockBackend) -> bool:
     return blk.enable_write_cache
 
@@ -160,9 +399,78 @@ def blk_get_stats(blk: BlockBackend) -> BlockAcctStats:
     return blk.stats
 
 
+# -- error policy and iostatus -----------------------------------------------------------------
+def blk_set_on_error(blk: BlockBackend, on_read_error: BlockdevOnError,
+                     on_write_error: BlockdevOnError) -> None:
+    blk.on_read_error = on_read_error
+    blk.on_write_error = on_write_error
+
+
+def blk_get_on_error(blk: BlockBackend, is_read: bool) -> BlockdevOnError:
+    return blk.on_read_error if is_read else blk.on_write_error
+
+
+def blk_get_error_action(blk: BlockBackend, is_read: bool, error: int) -> BlockErrorAction:
+    """``error`` is a positive errno."""
+    on_err = blk_get_on_error(blk, is_read)
+    if on_err == BlockdevOnError.ENOSPC:
+        return BlockErrorAction.STOP if error == errno.ENOSPC else BlockErrorAction.REPORT
+    if on_err == BlockdevOnError.STOP:
+        return BlockErrorAction.STOP
+    if on_err == BlockdevOnError.IGNORE:
+        return BlockErrorAction.IGNORE
+    return BlockErrorAction.REPORT
+
+
+def blk_iostatus_enable(blk: BlockBackend) -> None:
+    blk.iostatus_enabled = True
+    blk.iostatus = BlockDeviceIoStatus.OK
+
+
+def blk_iostatus_is_enabled(blk: BlockBackend) -> bool:
+    """Enabled by the device *and* some policy stops on errors."""
+    return blk.iostatus_enabled and (
+        blk.on_write_error in (BlockdevOnError.ENOSPC, BlockdevOnError.STOP)
+        or blk.on_read_error == BlockdevOnError.STOP
+    )
+
+
+def blk_iostatus_reset(blk: BlockBackend) -> None:
+    if blk_iostatus_is_enabled(blk):
+        blk.iostatus = BlockDeviceIoStatus.OK
+
+
+def blk_iostatus_set_err(blk: BlockBackend, error: int) -> None:
+    if blk.iostatus == BlockDeviceIoStatus.OK:
+        blk.iostatus = (
+            BlockDeviceIoStatus.NOSPACE if error == errno.ENOSPC else BlockDeviceIoStatus.FAILED
+        )
+
+
+def blk_error_action(blk: BlockBackend, action: BlockErrorAction, is_read: bool,
+                     error: int) -> None:
+    """Record an I/O error the device is handling with ``action`` (positive errno); sends
+    BLOCK_IO_ERROR.  Any thread."""
+    if action == BlockErrorAction.STOP and blk_iostatus_is_enabled(blk):
+        blk_iostatus_set_err(blk, error)
+    bs = blk.root
+    data: dict[str, Any] = {
+        "device": blk.name,
+        "operation": "read" if is_read else "write",
+        "action": action.value,
+        "reason": os.strerror(error),
+    }
+    if bs is not None:
+        data["node-name"] = bs.node_name
+    if blk_iostatus_is_enabled(blk):
+        data["nospace"] = error == errno.ENOSPC
+    qapi_event_send("BLOCK_IO_ERROR", data)
+
+
+# -- requests ------------------------------------------------------------------------------
 def blk_check_byte_request(blk: BlockBackend, offset: int, size: int) -> int:
     """0 if the request may proceed, else the negative errno QEMU returns."""
-    if size > INT_MAX:
+    if size > INT_MAX or size < 0:
         return -errno.EIO
     if not blk_is_available(blk):
         return -errno.ENOMEDIUM
@@ -178,16 +486,27 @@ def blk_check_byte_request(blk: BlockBackend, offset: int, size: int) -> int:
 
 
 def blk_inc_in_flight(blk: BlockBackend) -> None:
-    with blk._in_flight_lock:
+    with blk._lock:
         blk.in_flight += 1
 
 
 def blk_dec_in_flight(blk: BlockBackend) -> None:
-    with blk._in_flight_lock:
+    with blk._lock:
         blk.in_flight -= 1
         zero = blk.in_flight == 0
     if zero:
         aio_wait_kick()
+
+
+def _blk_start(blk: BlockBackend, ctx: AioContext, start: Callable[[], None]) -> bool:
+    """blk_wait_while_drained + blk_inc_in_flight, atomically: True if the request may run
+    now (and is counted in flight), False if it was queued until the drained section ends."""
+    with blk._lock:
+        if blk.quiesce_counter and not blk.disable_request_queuing:
+            blk.queued_requests.append((ctx, start))
+            return False
+        blk.in_flight += 1
+        return True
 
 
 class _Acb:
@@ -206,7 +525,7 @@ class _Acb:
         self.ret: int | None = None
 
     def complete(self, ret: int) -> None:
-        """Driver completion (in self.ctx).  Defer if the submitting call has not returned."""
+        """Driver completion (in self.ctx).  Deferred if the submitting call has not returned."""
         self.ret = ret
         if self.has_returned:
             self._finish()
@@ -227,26 +546,30 @@ class _Acb:
             self.ctx.schedule(self._finish)
 
 
-def _blk_aio_prwv(
-    blk: BlockBackend, offset: int, qiov: IOVector, flags: int, cb: Completion, write: bool
-) -> None:
-    kind = BlockAcctType.WRITE if write else BlockAcctType.READ
-    blk_inc_in_flight(blk)
-    acb = _Acb(blk, cb, kind, qiov.size)
-    ret = blk_check_byte_request(blk, offset, qiov.size)
-    if ret == 0 and write and blk_is_read_only(blk):
-        ret = -errno.EPERM
-    if ret < 0:
-        acb.complete(ret)
-    else:
-        drv = blk.root.drv
-        if write:
-            if not blk.enable_write_cache:
-                flags |= BDRV_REQ_FUA
-            drv.aio_pwritev(acb.ctx, offset, qiov, flags, acb.complete)
+def _blk_aio(blk: BlockBackend, kind: BlockAcctType, nbytes: int, cb: Completion,
+             check: Callable[[], int], submit: Callable[[_Acb], None]) -> None:
+    """The common shape of every blk_aio_*: queue while drained, check, submit, defer."""
+    ctx = current_aio_context()
+
+    def start() -> None:
+        if not _blk_start(blk, ctx, start):
+            return
+        acb = _Acb(blk, cb, kind, nbytes)
+        ret = check()
+        if ret < 0:
+            acb.complete(ret)
         else:
-            drv.aio_preadv(acb.ctx, offset, qiov, acb.complete)
-    acb.returned()
+            submit(acb)
+        acb.returned()
+
+    start()
+
+
+def _check_write(blk: BlockBackend, offset: int, nbytes: int) -> int:
+    ret = blk_check_byte_request(blk, offset, nbytes)
+    if ret == 0 and (blk_is_read_only(blk) or not blk.perm & BLK_PERM_WRITE):
+        ret = -errno.EPERM
+    return ret
 
 
 def blk_aio_preadv(
@@ -254,27 +577,104 @@ def blk_aio_preadv(
 ) -> None:
     """Read ``qiov.size`` bytes at ``offset`` into ``qiov``; ``cb(ret)`` in the caller's
     context, ret 0 or a negative errno."""
-    _blk_aio_prwv(blk, offset, qiov, flags, cb, write=False)
+    _blk_aio(
+        blk, BlockAcctType.READ, qiov.size, cb,
+        lambda: blk_check_byte_request(blk, offset, qiov.size),
+        lambda acb: blk.root.drv.aio_preadv(acb.ctx, offset, qiov, acb.complete),
+    )
 
 
 def blk_aio_pwritev(
     blk: BlockBackend, offset: int, qiov: IOVector, flags: int, cb: Completion
 ) -> None:
-    """Write ``qiov`` at ``offset``; ``cb(ret)`` in the caller's context."""
-    _blk_aio_prwv(blk, offset, qiov, flags, cb, write=True)
+    """Write ``qiov`` at ``offset``; ``cb(ret)`` in the caller's context.  With the write
+    cache disabled the write is FUA (stable when it completes)."""
+
+    def submit(acb: _Acb) -> None:
+        f = flags if blk.enable_write_cache else flags | BDRV_REQ_FUA
+        blk.root.drv.aio_pwritev(acb.ctx, offset, qiov, f, acb.complete)
+
+    _blk_aio(blk, BlockAcctType.WRITE, qiov.size, cb,
+             lambda: _check_write(blk, offset, qiov.size), submit)
 
 
 def blk_aio_flush(blk: BlockBackend, cb: Completion) -> None:
     """Flush the root node's writes to stable storage; ``cb(ret)`` in the caller's context."""
-    blk_inc_in_flight(blk)
-    acb = _Acb(blk, cb, BlockAcctType.FLUSH, 0)
+    _blk_aio(
+        blk, BlockAcctType.FLUSH, 0, cb,
+        lambda: 0 if blk_is_available(blk) else -errno.ENOMEDIUM,
+        lambda acb: blk.root.drv.aio_flush(acb.ctx, acb.complete),
+    )
+
+
+def blk_aio_pdiscard(blk: BlockBackend, offset: int, nbytes: int, cb: Completion) -> None:
+    """Discard a range.  On a node with ``discard=ignore`` (QEMU's default) this succeeds
+    without touching the image."""
+
+    def submit(acb: _Acb) -> None:
+        if not blk.root.unmap:
+            acb.complete(0)
+        else:
+            blk.root.drv.aio_pdiscard(acb.ctx, offset, nbytes, acb.complete)
+
+    _blk_aio(blk, BlockAcctType.UNMAP, nbytes, cb,
+             lambda: _check_write(blk, offset, nbytes), submit)
+
+
+def blk_aio_pwrite_zeroes(
+    blk: BlockBackend, offset: int, nbytes: int, flags: int, cb: Completion
+) -> None:
+    """Make a range read as zeroes.  BDRV_REQ_MAY_UNMAP lets the driver deallocate it, but
+    only on a node with ``discard=unmap``."""
+
+    def submit(acb: _Acb) -> None:
+        f = flags if blk.root.unmap else flags & ~BDRV_REQ_MAY_UNMAP
+        if not blk.enable_write_cache:
+            f |= BDRV_REQ_FUA
+        blk.root.drv.aio_pwrite_zeroes(acb.ctx, offset, nbytes, f, acb.complete)
+
+    _blk_aio(blk, BlockAcctType.WRITE, nbytes, cb,
+             lambda: _check_write(blk, offset, nbytes), submit)
+
+
+# -- whole-backend operations (main thread) ---------------------------------------------------
+def blk_truncate(blk: BlockBackend, size: int) -> None:
+    """Resize the medium.  Needs BLK_PERM_RESIZE; raises OSError / PermissionError."""
+    from blocklayer.bdrv import bdrv_truncate
+
     if not blk_is_available(blk):
-        acb.complete(-errno.ENOMEDIUM)
-    else:
-        blk.root.drv.aio_flush(acb.ctx, acb.complete)
-    acb.returned()
+        raise OSError(errno.ENOMEDIUM, "No medium inserted")
+    if not blk.perm & BLK_PERM_RESIZE:
+        raise PermissionError("Resize needs the 'resize' permission")
+    bdrv_truncate(blk.root, size)
 
 
 def blk_drain(blk: BlockBackend, then: Callable[[], None]) -> None:
-    """Main thread: call ``then()`` once no request of ``blk`` is in flight."""
-    aio_wait_until(lambda: blk.in_flight == 0, then)
+    """Main thread: call ``then()`` once no request of ``blk`` is in flight (requests keep
+    arriving meanwhile are held back by a drained section on the root node)."""
+    bs = blk.root
+    if bs is not None:
+        bdrv_drained_begin(bs)
+
+    def done() -> None:
+        if bs is not None:
+            bdrv_drained_end(bs)
+        then()
+
+    aio_wait_until(lambda: blk.in_flight == 0 and not blk.root_drained_poll(), done)
+
+
+def blk_drain_all(then: Callable[[], None]) -> None:
+    """Main thread: drain every BlockBackend, then call ``then()``."""
+    pending = [len(_all_blks)]
+    if not _all_blks:
+        then()
+        return
+
+    def one() -> None:
+        pending[0] -= 1
+        if pending[0] == 0:
+            then()
+
+    for blk in list(_all_blks):
+        blk_drain(blk, one)

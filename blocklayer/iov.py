@@ -48,6 +48,15 @@ class IOVector:
         """Fill the vector from byte offset ``start`` to the end with ``byte``."""
         lib.pyvu_iov_memset(self.iov, self.niov, start, byte)
 
+    def slice_from(self, skip: int) -> IOVector:
+        """The same memory minus its first ``skip`` bytes (zero-copy; keeps self alive)."""
+        dst = ffi.new("struct iovec[]", max(self.niov, 1))
+        size = ffi.new("uint64_t *")
+        n = lib.pyvu_iov_slice(self.iov, self.niov, skip, 0, dst, size)
+        if n < 0:
+            raise ValueError("slice beyond the end of the vector")
+        return IOVector(dst, n, size[0], self)
+
     def to_bytes(self) -> bytes:
         """Copy the contents out (tests, small buffers)."""
         return b"".join(bytes(b) for b in self.buffers())

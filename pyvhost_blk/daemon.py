@@ -19,35 +19,27 @@ import json
 import logging
 import os
 import signal
-import socket
 from typing import Any
 
 from blocklayer.aio import qemu_get_aio_context
-from blocklayer.bdrv import BlockDriverError, bdrv_find_node, bdrv_nodes
+from blocklayer.bdrv import BlockDriverError, bdrv_nodes
 from blocklayer.blockdev import blockdev_add
 from blocklayer.iothread import IOThread
 from pyvhost_blk.cli import CommandLine, UsageError
+from pyvhost_blk.exports import export_add
 from pyvhost_blk.keyval import (
     KeyvalError,
     ParsedOption,
     check_keys,
     require,
-    to_bool,
-    to_dict,
     to_int,
     to_str,
-    to_str_list,
 )
-from vhost.server import SocketInUse, VuServer, listen_fd, listen_unix
+from vhost.server import SocketInUse, VuServer
 from virtio.blk_export import VhostUserBlkExport
 
 log = logging.getLogger("pyvhost_blk")
 
-EXPORT_KEYS = (
-    "type", "id", "node-name", "writable", "writethrough", "iothread", "fixed-iothread",
-    "addr", "logical-block-size", "num-queues",
-)
-MAX_QUEUES = 64  # virtio-blk over vhost-user in QEMU allows up to VIRTIO_QUEUE_MAX/... keep sane
 
 
 class Daemon:
@@ -55,7 +47,6 @@ class Daemon:
         self.main_ctx = qemu_get_aio_context()
         self.iothreads: dict[str, IOThread] = {}
         self.exports: dict[str, VhostUserBlkExport] = {}
-        self.servers: list[VuServer] = []
         self.pidfile: str | None = None
         self.stats_file: str | None = None
         self.shutting_down = False
@@ -107,68 +98,13 @@ class Daemon:
         self.iothreads[oid] = t
 
     def export_add(self, p: ParsedOption) -> VhostUserBlkExport:
-        v, j = p.values, p.from_json
-        etype = to_str(require(v, "type"), "type", from_json=j)
-        if etype != "vhost-user-blk":
-            raise KeyvalError(f"Parameter 'type' does not accept value '{etype}'")
-        check_keys(v, EXPORT_KEYS)
-        eid = to_str(require(v, "id"), "id", from_json=j)
-        if eid in self.exports:
-            raise KeyvalError(f"Block export id '{eid}' is already in use")
-        node_name = to_str(require(v, "node-name"), "node-name", from_json=j)
-        bs = bdrv_find_node(node_name)
-        if bs is None:
-            raise KeyvalError(f"Cannot find device={node_name} nor node-name={node_name}")
-        writable = to_bool(v.get("writable", False), "writable", from_json=j) \
-            if "writable" in v else False
-        writethrough = to_bool(v["writethrough"], "writethrough", from_json=j) \
-            if "writethrough" in v else False
-        nq = to_int(v["num-queues"], "num-queues", "uint16", from_json=j) \
-            if "num-queues" in v else 1
-        if nq == 0:
-            raise KeyvalError("num-queues must be greater than 0")
-        if nq > MAX_QUEUES:
-            raise KeyvalError(f"num-queues must not exceed {MAX_QUEUES}")
-        lbs = to_int(v["logical-block-size"], "logical-block-size", "uint64", from_json=j) \
-            if "logical-block-size" in v else 512
-        if lbs < 512 or lbs > 32768 or lbs & (lbs - 1):
-            raise KeyvalError(
-                f"Property {eid}.logical-block-size doesn't take value '{lbs}': it must be a "
-                "power of 2 between 512 and 32768"
-            )
-        contexts = []
-        if "iothread" in v:
-            for name in to_str_list(v["iothread"], "iothread", from_json=j):
-                t = self.iothreads.get(name)
-                if t is None:
-                    raise KeyvalError(f"iothread \"{name}\" not found")
-                contexts.append(t.ctx)
-        if writable and bs.read_only:
-            raise KeyvalError(f"Block node '{node_name}' is read-only")
-        addr = to_dict(require(v, "addr"), "addr")
-        listener, path = self._listen(addr, j)
-        exp = VhostUserBlkExport(eid, bs, writable, nq, lbs, contexts, writethrough)
-        server = VuServer(eid, exp, listener, path)
-        exp.attach_server(server)
-        self.exports[eid] = exp
-        self.servers.append(server)
+        exp = export_add(p.values, p.from_json, self.iothreads, self.exports)
+        self.exports[exp.id] = exp
         return exp
 
-    @staticmethod
-    def _listen(addr: dict[str, Any], j: bool) -> tuple[socket.socket, str | None]:
-        atype = to_str(require(addr, "type", "addr"), "addr.type", from_json=j)
-        if atype == "unix":
-            check_keys(addr, ("type", "path", "abstract", "tight"), "addr")
-            path = to_str(require(addr, "path", "addr"), "addr.path", from_json=j)
-            return listen_unix(path), path
-        if atype == "fd":
-            check_keys(addr, ("type", "str"), "addr")
-            s = to_str(require(addr, "str", "addr"), "addr.str", from_json=j)
-            if not s.isdigit():
-                raise KeyvalError(f"addr.str '{s}' is not a file descriptor number "
-                                  "(named fds need the QMP monitor)")
-            return listen_fd(int(s)), None
-        raise KeyvalError(f"Parameter 'addr.type' does not accept value '{atype}'")
+    @property
+    def servers(self) -> list[VuServer]:
+        return [e.server for e in self.exports.values() if e.server is not None]
 
     def _write_pidfile(self, path: str) -> None:
         try:

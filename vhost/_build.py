@@ -47,6 +47,7 @@ typedef struct VuDev {
     VuVirtq *vq;
     uint64_t features;
     uint64_t protocol_features;
+    int backend_fd;
     bool broken;
     uint16_t max_queues;
     ...;
@@ -106,6 +107,7 @@ bool vu_queue_empty(VuDev *dev, VuVirtq *vq);
 void vu_config_change_msg(VuDev *dev);
 
 void free(void *ptr);
+int fallocate(int fd, int mode, long offset, long len);
 
 struct pyvu_dev {
     VuDev vu;

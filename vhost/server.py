@@ -36,6 +36,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -124,12 +125,14 @@ class VuQueue:
     def process(self) -> None:
         """Pop every available request and hand each to the device.  In self.ctx."""
         conn = self.conn
-        if not self.started or conn.quiescing or conn.closed:
+        server = conn.server
+        if not self.started or conn.quiescing or conn.closed or server.pause_count:
             return
         pdev = conn.pdev
         lib.pyvu_rdlock(pdev)
         try:
-            if conn.quiescing or conn.closed:  # re-check now that dispatch cannot run
+            # Re-check now that dispatch and pause(sync=True) cannot run.
+            if conn.quiescing or conn.closed or server.pause_count:
                 return
             dev, vq, handle = conn.dev, self.vq, conn.device.handle_request
             pop = lib.vu_queue_pop
@@ -170,6 +173,25 @@ class VuQueue:
         self.in_flight -= len(done)
         if self.in_flight == 0:
             aio_wait_kick()
+
+    def move_to(self, new_ctx: AioContext) -> None:
+        """Main thread, queue idle (drained): serve this queue from ``new_ctx`` from now on.
+        The kick fd is detached in the old context first, then a fresh dup is attached in the
+        new one, so no two loops ever watch the same fd number."""
+        old = self.ctx
+        if old is new_ctx:
+            return
+        started = self.started
+
+        def detach_then_attach() -> None:
+            kick = self.kick_fd
+            fd = os.dup(kick) if kick >= 0 and started else -1
+            self._detach()
+            self.ctx = new_ctx
+            if fd >= 0:
+                new_ctx.schedule(self._attach, fd)
+
+        old.schedule(detach_then_attach)
 
     def stats(self) -> dict[str, int]:
         return {"queue": self.idx, "requests": self.requests, "kicks": self.kicks,
@@ -340,8 +362,46 @@ class VuServer:
         self.connections = 0
         self.queue_totals = [0] * self.num_queues
         self.main_ctx = qemu_get_aio_context()
+        self.pause_count = 0  # > 0: queues do not pop (drained, or stopped on an I/O error)
+        self._pause_lock = threading.Lock()
         self.listener.setblocking(False)
         self.main_ctx.set_fd_handler(listener.fileno(), self._on_accept)
+
+    # -- pausing queue processing (drain, error stop); any thread ----------------------------
+    def pause(self, sync: bool = False) -> None:
+        """Stop popping new requests from every queue (requests in flight go on).
+        With ``sync`` (main thread only), also wait for a pop loop already running in another
+        thread to finish, so that after return every popped request is counted in flight."""
+        with self._pause_lock:
+            self.pause_count += 1
+        conn = self.conn
+        if sync and conn is not None and not conn.closed:
+            lib.pyvu_wrlock(conn.pdev)
+            lib.pyvu_unlock(conn.pdev)
+
+    def resume(self) -> None:
+        """Undo one pause(); on the last one, look at every ring again (kicks that arrived
+        while paused were consumed without popping)."""
+        with self._pause_lock:
+            assert self.pause_count > 0
+            self.pause_count -= 1
+            last = self.pause_count == 0
+        if last and self.conn is not None:
+            self.conn._reschedule_queues()
+
+    def config_changed(self) -> None:
+        """Main thread: tell the frontend the config space changed (capacity, ...).  Needs the
+        backend channel; the frontend answers with GET_CONFIG later, so never wait here."""
+        conn = self.conn
+        if conn is None or conn.closed or conn.dev.backend_fd < 0:
+            return
+        lib.vu_config_change_msg(conn.dev)
+
+    def move_queues(self) -> None:
+        """Main thread, drained: re-read ``device.queue_context(i)`` for every live queue."""
+        if self.conn is not None:
+            for q in self.conn.queues:
+                q.move_to(self.device.queue_context(q.idx))
 
     def _on_accept(self) -> None:
         try:

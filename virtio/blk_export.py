@@ -1,51 +1,90 @@
 """The vhost-user-blk export: VuServer + VirtioBlkHandler + BlockBackend (QEMU's
-block/export/vhost-user-blk-server.c).
+block/export/vhost-user-blk-server.c), wired to the block layer through BlockDevOps.
 
 Theory of operation
 -------------------
-``--export type=vhost-user-blk,id=ID,node-name=NODE,addr...,num-queues=N,iothread=...`` creates
-one ``VhostUserBlkExport``.  It owns a BlockBackend on NODE (write permission only when
-``writable=on``), a ``VirtioBlkHandler`` that turns requests into ``blk_aio_*`` calls, and a
-``VuServer`` that speaks vhost-user through libvhost-user.
+``--export type=vhost-user-blk,id=ID,node-name=NODE,addr...`` (or QMP ``block-export-add``)
+creates one ``VhostUserBlkExport``.  It owns a BlockBackend on NODE and registers BlockDevOps:
 
-Queues map onto AioContexts: with no iothread everything runs in the main loop; with
-``iothread=io0`` every queue runs in io0; with a list (``iothread.0=io0,iothread.1=io1``, QEMU
-9+'s multiqueue syntax) queue *i* runs in ``iothreads[i % len]``.
+* ``drained_begin`` pauses every queue (no new pops, whatever iothread serves it) and
+  ``drained_poll`` reports requests still in flight; ``drained_end`` resumes and looks at every
+  ring again, so requests the guest queued meanwhile are served.  The BlockBackend's own
+  request queuing is disabled (as QEMU's exports do): pausing the rings is the gate.
+* ``resize_cb`` sends the vhost-user config-change message: the guest re-reads the capacity.
+* With ``removable=on`` (our extension: QEMU's virtio-blk has no tray) the device has a tray:
+  ``change_media_cb``/``is_tray_open``/``eject_request_cb`` implement open/close, and an open
+  tray or a removed medium makes requests fail (ENOMEDIUM → IOERR) and the capacity read 0.
 
-Per request (in the queue's AioContext): the handler validates and submits; on completion the
-export writes the status byte (last, after the data) and hands the element back to the queue,
-which pushes completions in batches with one notification.
+Permissions: reading, plus writing when ``writable=on``; every other user may read, resize and
+write-unchanged, but **not write** unless ``share-rw=on`` — a second writer corrupts a guest
+disk, so this is stricter than qemu-storage-daemon's exports (which share everything) and the
+same as QEMU's guest devices.  The file driver turns this into image locks.
+
+Error policy: ``rerror``/``werror`` (report, ignore, enospc, stop).  On *stop* the failed request
+is kept, the export's queues pause (QEMU stops the VM; a daemon stops the export) and
+BLOCK_IO_ERROR is sent; ``resume_after_error()`` (QMP ``cont``) retries the kept requests and
+resumes the queues.
+
+Queues map onto AioContexts: no iothread → the main loop; ``iothread=io0`` → all in io0; a list
+→ queue *i* in ``iothreads[i % len]``.  ``set_aio_context`` (``x-blockdev-set-iothread``) moves
+a single-context export; one spread over several iothreads refuses.
+
+Threads: management methods run in the main thread; ``handle_request`` and completions run in
+the queue's AioContext.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from blocklayer.aio import AioContext, qemu_get_aio_context
 from blocklayer.bdrv import BlockDriverState
 from blocklayer.block_backend import (
-    BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_RESIZE,
     BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
     BlockBackend,
+    BlockdevOnError,
+    blk_attach_dev,
     blk_get_stats,
     blk_insert_bs,
+    blk_iostatus_enable,
+    blk_iostatus_reset,
+    blk_is_available,
     blk_nb_sectors,
     blk_new,
+    blk_set_aio_context,
+    blk_set_allow_aio_context_change,
+    blk_set_dev_ops,
+    blk_set_disable_request_queuing,
     blk_set_enable_write_cache,
+    blk_set_on_error,
     blk_unref,
 )
+from blocklayer.dev_ops import BlockDevOps
 from vhost.ffi import ffi
 from vhost.server import VuQueue, VuServer
 from virtio.blk_config import WCE_OFFSET, VirtioBlkConfig
-from virtio.blk_handler import MALFORMED, VirtioBlkHandler
+from virtio.blk_handler import (
+    MALFORMED,
+    MAX_DISCARD_SECTORS,
+    MAX_WRITE_ZEROES_SECTORS,
+    VirtioBlkHandler,
+)
 from virtio.constants import VirtioFeature
 
 log = logging.getLogger("pyvhost_blk.export")
 
 VIRTQUEUE_MAX_SIZE = 1024
 DEFAULT_SERIAL = "vhost_user_blk"  # what qemu-storage-daemon answers to GET_ID
+
+
+class ExportError(Exception):
+    """A management operation on the export was refused (one line for the user)."""
 
 
 class VhostUserBlkExport:
@@ -61,28 +100,129 @@ class VhostUserBlkExport:
         contexts: list[AioContext],
         writethrough: bool = False,
         serial: str = DEFAULT_SERIAL,
+        removable: bool = False,
+        share_rw: bool = False,
+        rerror: BlockdevOnError = BlockdevOnError.REPORT,
+        werror: BlockdevOnError = BlockdevOnError.REPORT,
     ) -> None:
         self.id = id
         self.num_queues = num_queues
         self.writable = writable
         self.logical_block_size = logical_block_size
         self.contexts = contexts or [qemu_get_aio_context()]
-        perm = BLK_PERM_CONSISTENT_READ
-        if writable:
-            perm |= BLK_PERM_WRITE
-        # qemu-storage-daemon's exports share every permission; locking arrives later.
-        self.blk: BlockBackend = blk_new(self.contexts[0], perm, BLK_PERM_ALL)
+        self.removable = removable
+        self.share_rw = share_rw
+        perm = BLK_PERM_CONSISTENT_READ | (BLK_PERM_WRITE if writable else 0)
+        shared = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE
+        if share_rw:
+            shared |= BLK_PERM_WRITE
+        self.blk: BlockBackend = blk_new(self.contexts[0], perm, shared)
         self.blk.name = id
-        blk_insert_bs(self.blk, bs)
+        try:
+            blk_insert_bs(self.blk, bs)
+        except BaseException:
+            blk_unref(self.blk)
+            raise
+        blk_attach_dev(self.blk, self)
+        blk_set_on_error(self.blk, rerror, werror)
+        blk_iostatus_enable(self.blk)
         blk_set_enable_write_cache(self.blk, not writethrough)
-        self.node_name = bs.node_name
-        self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable)
+        blk_set_disable_request_queuing(self.blk, True)
+        blk_set_allow_aio_context_change(self.blk, True)
+        self.tray_open = False
+        self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable,
+                                        on_stop=self._stop_on_error)
         self.features = 0
         self.malformed = 0
         self.server: VuServer | None = None
+        self.shutting_down = False
+        self._stopped = False  # paused by an error policy, waiting for resume_after_error
+        self._stop_lock = threading.Lock()
+        self._retries: list[tuple[AioContext, Callable[[], None]]] = []
+        blk_set_dev_ops(self.blk, BlockDevOps(
+            change_media_cb=self._change_media if removable else None,
+            eject_request_cb=self._eject_request if removable else None,
+            is_tray_open=(lambda: self.tray_open) if removable else None,
+            is_medium_locked=(lambda: False) if removable else None,
+            resize_cb=self._resize,
+            drained_begin=self._drained_begin,
+            drained_end=self._drained_end,
+            drained_poll=self._drained_poll,
+        ))
+        self.blk.aio_context_notifiers.append(self._aio_context_changed)
 
     def attach_server(self, server: VuServer) -> None:
         self.server = server
+
+    @property
+    def node_name(self) -> str | None:
+        return self.blk.root.node_name if self.blk.root is not None else None
+
+    # -- BlockDevOps (main thread) ----------------------------------------------------------
+    def _drained_begin(self) -> None:
+        if self.server is not None:
+            self.server.pause(sync=True)
+
+    def _drained_end(self) -> None:
+        if self.server is not None:
+            self.server.resume()
+
+    def _drained_poll(self) -> bool:
+        return self.server is not None and self.server.in_flight() > 0
+
+    def _resize(self) -> None:
+        if self.server is not None:
+            self.server.config_changed()
+
+    def _change_media(self, load: bool) -> None:
+        self.tray_open = not load
+        if self.server is not None:
+            self.server.config_changed()
+
+    def _eject_request(self, force: bool) -> None:
+        # A virtio disk has no guest-side eject handshake: the tray opens at once.
+        self._change_media(False)
+
+    # -- error policy: stop and resume --------------------------------------------------------
+    def _stop_on_error(self, retry: Callable[[], None]) -> None:
+        """In the failed request's context: keep it for retry; pause the export once."""
+        from blocklayer.aio import current_aio_context
+
+        with self._stop_lock:
+            self._retries.append((current_aio_context(), retry))
+            first = not self._stopped
+            self._stopped = True
+        if first and self.server is not None:
+            self.server.pause()
+            log.warning("%s: I/O error, export stopped until resumed ('cont')", self.id)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def resume_after_error(self) -> None:
+        """Main thread (QMP ``cont``): reset iostatus, retry kept requests, resume queues."""
+        blk_iostatus_reset(self.blk)
+        with self._stop_lock:
+            retries, self._retries = self._retries, []
+            was_stopped, self._stopped = self._stopped, False
+        for ctx, retry in retries:
+            ctx.schedule(retry)
+        if was_stopped and self.server is not None:
+            self.server.resume()
+
+    # -- iothreads ----------------------------------------------------------------------------
+    def can_set_aio_context(self, ctx: AioContext) -> str | None:
+        """None if the export can move to ``ctx``, else why not."""
+        if len({id(c) for c in self.contexts}) > 1:
+            return (f"Export '{self.id}' is spread over several iothreads and cannot be moved "
+                    "to a single one")
+        return None
+
+    def _aio_context_changed(self, ctx: AioContext) -> None:
+        self.contexts = [ctx]
+        if self.server is not None:
+            self.server.move_queues()
 
     # -- VuDevice (main thread) -----------------------------------------------------------------
     def get_features(self) -> int:
@@ -91,6 +231,9 @@ class VhostUserBlkExport:
             | VirtioFeature.BLK_F_BLK_SIZE
             | VirtioFeature.BLK_F_FLUSH
             | VirtioFeature.BLK_F_TOPOLOGY
+            | VirtioFeature.BLK_F_CONFIG_WCE
+            | VirtioFeature.BLK_F_DISCARD
+            | VirtioFeature.BLK_F_WRITE_ZEROES
             | VirtioFeature.VERSION_1
             | VirtioFeature.RING_INDIRECT_DESC
             | VirtioFeature.RING_EVENT_IDX
@@ -108,7 +251,7 @@ class VhostUserBlkExport:
         return 0  # CONFIG and MQ are added by libvhost-user
 
     def config(self) -> VirtioBlkConfig:
-        sectors = blk_nb_sectors(self.blk)
+        sectors = blk_nb_sectors(self.blk) if blk_is_available(self.blk) else 0
         return VirtioBlkConfig(
             capacity=max(sectors, 0),
             seg_max=VIRTQUEUE_MAX_SIZE - 2,
@@ -117,6 +260,12 @@ class VhostUserBlkExport:
             opt_io_size=1,
             wce=1 if self.blk.enable_write_cache else 0,
             num_queues=self.num_queues,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_seg=1,
+            discard_sector_alignment=self.logical_block_size >> 9,
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS,
+            max_write_zeroes_seg=1,
+            write_zeroes_may_unmap=1,
         )
 
     def get_config(self, size: int) -> bytes | None:
@@ -149,6 +298,25 @@ class VhostUserBlkExport:
         self.handler.process_req(elem.out_sg, elem.out_num, elem.in_sg, elem.in_num, done)
 
     # -- management (main thread) -------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """QMP BlockExportInfo, plus our extensions (tray, iostatus, stopped, iothreads)."""
+        d: dict[str, Any] = {
+            "type": "vhost-user-blk",
+            "id": self.id,
+            "node-name": self.node_name or "",
+            "shutting-down": self.shutting_down,
+            "writable": self.writable,
+            "num-queues": self.num_queues,
+            "iothreads": [c.name for c in self.contexts],
+            "io-status": self.blk.iostatus.value,
+            "stopped": self._stopped,
+            "connected": bool(self.server and self.server.conn is not None),
+        }
+        if self.removable:
+            d["removable"] = True
+            d["tray-open"] = self.tray_open
+        return d
+
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = {"id": self.id, "node-name": self.node_name,
                              "malformed-requests": self.malformed}
@@ -159,3 +327,7 @@ class VhostUserBlkExport:
 
     def delete(self) -> None:
         blk_unref(self.blk)
+
+    def set_contexts(self, contexts: list[AioContext]) -> None:
+        self.contexts = contexts
+        blk_set_aio_context(self.blk, contexts[0])

@@ -13,7 +13,13 @@ writes the status byte *last*, then pushes the element.
 Malformed requests never raise: a missing header or status byte is reported as
 ``done(MALFORMED, 0)`` (the transport completes the element with nothing written); an invalid
 sector or length is ``VIRTIO_BLK_S_IOERR`` and counted with ``block_acct_invalid``; an unknown
-type is ``VIRTIO_BLK_S_UNSUPP``.
+type is ``VIRTIO_BLK_S_UNSUPP``.  DISCARD and WRITE_ZEROES take exactly one 16-byte segment
+(``struct virtio_blk_discard_write_zeroes``); more, unknown flags, or UNMAP on a discard are
+UNSUPP, as QEMU answers.
+
+A read, write, flush or write-zeroes that fails goes through the BlockBackend's error policy
+(``rerror``/``werror``): *report* → IOERR, *ignore* → OK, *stop* → the request is handed to
+``on_stop(retry)`` and completes only when the transport calls ``retry()`` after a resume.
 
 Threads: ``process_req`` runs in the AioContext that owns the virtqueue; so does ``done``.
 """
@@ -25,11 +31,17 @@ from collections.abc import Callable
 from typing import Any
 
 from blocklayer.accounting import BlockAcctType
+from blocklayer.bdrv import BDRV_REQ_MAY_UNMAP
 from blocklayer.block_backend import (
     BlockBackend,
+    BlockErrorAction,
     blk_aio_flush,
+    blk_aio_pdiscard,
     blk_aio_preadv,
+    blk_aio_pwrite_zeroes,
     blk_aio_pwritev,
+    blk_error_action,
+    blk_get_error_action,
     blk_nb_sectors,
 )
 from blocklayer.iov import IOVector
@@ -46,6 +58,11 @@ from virtio.constants import (
 
 MALFORMED = -1  # status for "no usable header or status byte": complete with in_len 0
 BDRV_REQUEST_MAX_SECTORS = (2**31 - 1) >> 9
+MAX_DISCARD_SECTORS = 32768  # per request, as QEMU's vhost-user-blk export advertises
+MAX_WRITE_ZEROES_SECTORS = 32768
+DWZ_SIZE = 16  # struct virtio_blk_discard_write_zeroes: le64 sector, le32 num, le32 flags
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+_unpack_dwz = struct.Struct("<QII").unpack
 
 Done = Callable[[int, int], None]
 _unpack_hdr = struct.Struct("<IIQ").unpack
@@ -57,6 +74,8 @@ T_IN = int(VirtioBlkType.IN)
 T_OUT = int(VirtioBlkType.OUT)
 T_FLUSH = int(VirtioBlkType.FLUSH)
 T_GET_ID = int(VirtioBlkType.GET_ID)
+T_DISCARD = int(VirtioBlkType.DISCARD)
+T_WRITE_ZEROES = int(VirtioBlkType.WRITE_ZEROES)
 
 
 def parse_outhdr(out_sg: Any, out_num: int) -> tuple[int, int, int] | None:
@@ -88,12 +107,30 @@ class VirtioBlkHandler:
     """Serves virtio-blk requests on one BlockBackend (``blk``)."""
 
     def __init__(
-        self, blk: BlockBackend, serial: str, logical_block_size: int, writable: bool
+        self, blk: BlockBackend, serial: str, logical_block_size: int, writable: bool,
+        on_stop: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.blk = blk
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.logical_block_size = logical_block_size
         self.writable = writable
+        #: called (in the request's context) with a retry callable when a policy says stop
+        self.on_stop = on_stop
+
+    def _handle_error(self, ret: int, is_read: bool, retry: Callable[[], None],
+                      done: Callable[[int], None]) -> None:
+        """virtio_blk_handle_rw_error: apply rerror/werror to a failed request."""
+        error = -ret
+        action = blk_get_error_action(self.blk, is_read, error)
+        if action == BlockErrorAction.STOP and self.on_stop is None:
+            action = BlockErrorAction.REPORT
+        blk_error_action(self.blk, action, is_read, error)
+        if action == BlockErrorAction.STOP:
+            self.on_stop(retry)
+        elif action == BlockErrorAction.IGNORE:
+            done(S_OK)
+        else:
+            done(S_IOERR)
 
     def sect_range_ok(self, sector: int, size: int) -> bool:
         """virtio_blk_sect_range_ok: whole sectors, aligned to the logical block size,
@@ -107,7 +144,7 @@ class VirtioBlkHandler:
             return False
         total = blk_nb_sectors(self.blk)
         if total < 0:
-            return False
+            return True  # no medium: let the block layer fail it with ENOMEDIUM
         return sector <= total and nb_sectors <= total - sector
 
     def process_req(
@@ -141,17 +178,35 @@ class VirtioBlkHandler:
                 done(S_IOERR, 1)
                 return
             in_len = 1 if is_write else qiov.size + 1
+            offset = sector << VIRTIO_BLK_SECTOR_BITS
+            blk, aio = self.blk, blk_aio_pwritev if is_write else blk_aio_preadv
+
+            def submit() -> None:
+                aio(blk, offset, qiov, 0, rw_done)
 
             def rw_done(ret: int) -> None:
-                done(S_OK if ret >= 0 else S_IOERR, in_len)
+                if ret >= 0:
+                    done(S_OK, in_len)
+                else:
+                    self._handle_error(ret, not is_write, submit, lambda s: done(s, in_len))
 
-            offset = sector << VIRTIO_BLK_SECTOR_BITS
-            if is_write:
-                blk_aio_pwritev(self.blk, offset, qiov, 0, rw_done)
-            else:
-                blk_aio_preadv(self.blk, offset, qiov, 0, rw_done)
+            submit()
         elif rtype == T_FLUSH:
-            blk_aio_flush(self.blk, lambda ret: done(S_OK if ret >= 0 else S_IOERR, 1))
+            def flush() -> None:
+                blk_aio_flush(self.blk, flush_done)
+
+            def flush_done(ret: int) -> None:
+                if ret >= 0:
+                    done(S_OK, 1)
+                else:
+                    self._handle_error(ret, False, flush, lambda s: done(s, 1))
+
+            flush()
+        elif rtype == T_DISCARD or rtype == T_WRITE_ZEROES:
+            if not self.writable:
+                done(S_IOERR, 1)
+                return
+            self._discard_write_zeroes(rtype, out_sg, out_num, done)
         elif rtype == T_GET_ID:
             data = iov_slice(in_sg, in_num, 0, 1)
             avail = data.size if data is not None else 0
@@ -163,3 +218,47 @@ class VirtioBlkHandler:
             done(S_OK, size + 1)
         else:
             done(S_UNSUPP, 1)
+
+    def _discard_write_zeroes(self, rtype: int, out_sg: Any, out_num: int, done: Done) -> None:
+        """virtio_blk_discard_write_zeroes: one segment only, QEMU's statuses."""
+        seg = iov_slice(out_sg, out_num, VIRTIO_BLK_OUTHDR_SIZE, 0)
+        if seg is None or seg.size > DWZ_SIZE:
+            done(S_UNSUPP, 1)  # only one segment is supported
+            return
+        if seg.size != DWZ_SIZE:
+            done(S_IOERR, 1)
+            return
+        buf = ffi.new("char[]", DWZ_SIZE)
+        lib.pyvu_iov_to_buf(seg.iov, seg.niov, buf, DWZ_SIZE)
+        sector, num_sectors, flags = _unpack_dwz(ffi.unpack(buf, DWZ_SIZE))
+        is_wz = rtype == T_WRITE_ZEROES
+        max_sectors = MAX_WRITE_ZEROES_SECTORS if is_wz else MAX_DISCARD_SECTORS
+        nbytes = num_sectors << VIRTIO_BLK_SECTOR_BITS
+        kind = BlockAcctType.WRITE if is_wz else BlockAcctType.UNMAP
+        if num_sectors > max_sectors or not self.sect_range_ok(sector, nbytes):
+            self.blk.stats.block_acct_invalid(kind)
+            done(S_IOERR, 1)
+            return
+        if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+            done(S_UNSUPP, 1)
+            return
+        offset = sector << VIRTIO_BLK_SECTOR_BITS
+        if is_wz:
+            bflags = BDRV_REQ_MAY_UNMAP if flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP else 0
+
+            def wz() -> None:
+                blk_aio_pwrite_zeroes(self.blk, offset, nbytes, bflags, wz_done)
+
+            def wz_done(ret: int) -> None:
+                if ret >= 0:
+                    done(S_OK, 1)
+                else:
+                    self._handle_error(ret, False, wz, lambda s: done(s, 1))
+
+            wz()
+        else:
+            if flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
+                done(S_UNSUPP, 1)  # the UNMAP flag is not valid on a discard
+                return
+            blk_aio_pdiscard(self.blk, offset, nbytes,
+                             lambda ret: done(S_OK if ret >= 0 else S_IOERR, 1))

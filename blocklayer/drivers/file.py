@@ -15,12 +15,20 @@ import os
 from typing import Any
 
 from blocklayer.aio import AioContext
-from blocklayer.bdrv import BDRV_REQ_FUA, BlockDriver, BlockDriverError, Completion, bdrv_register
+from blocklayer.bdrv import (
+    BDRV_REQ_FUA,
+    BDRV_REQ_MAY_UNMAP,
+    BlockDriver,
+    BlockDriverError,
+    Completion,
+    bdrv_register,
+)
 from blocklayer.blockdev_options import enum_of
 from blocklayer.io_uring import OP_FSYNC, OP_READ, OP_WRITE, luring_get
 from blocklayer.iov import IOVector
 from blocklayer.thread_pool import thread_pool_submit_aio
 from pyvhost_blk.keyval import to_str
+from vhost.ffi import ffi, lib
 
 _aio_mode = enum_of("threads", "io_uring", "native")
 _locking = enum_of("auto", "on", "off")
@@ -80,10 +88,26 @@ class FileDriver(BlockDriver):
             cb(ret if ret < 0 else 0)
 
         if self._use_uring():
-            luring_get(ctx).submit(OP_READ, self.fd, qiov.iov, qiov.niov, offset, done, qiov)
+            self._uring_read(ctx, offset, qiov, 0, done)
         else:
             fd = self.fd
             thread_pool_submit_aio(ctx, lambda: _preadv_full(fd, qiov, offset), done)
+
+    def _uring_read(self, ctx: AioContext, offset: int, qiov: IOVector, done_bytes: int,
+                    cb: Completion) -> None:
+        """Read with io_uring; a short read before EOF is resubmitted for the rest (as QEMU's
+        luring_resubmit_short_read), one at EOF ends the request."""
+        part = qiov if done_bytes == 0 else qiov.slice_from(done_bytes)
+
+        def got(ret: int) -> None:
+            if ret < 0:
+                cb(ret)
+            elif ret == 0 or done_bytes + ret >= qiov.size:
+                cb(done_bytes + ret)
+            else:
+                self._uring_read(ctx, offset + ret, qiov, done_bytes + ret, cb)
+
+        luring_get(ctx).submit(OP_READ, self.fd, part.iov, part.niov, offset, got, part)
 
     def aio_pwritev(
         self, ctx: AioContext, offset: int, qiov: IOVector, flags: int, cb: Completion
@@ -116,10 +140,69 @@ class FileDriver(BlockDriver):
             fd = self.fd
             thread_pool_submit_aio(ctx, lambda: os.fdatasync(fd) or 0, done)
 
+    def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
+        fd = self.fd
+        thread_pool_submit_aio(ctx, lambda: _punch_hole(fd, offset, nbytes), cb)
+
+    def aio_pwrite_zeroes(
+        self, ctx: AioContext, offset: int, nbytes: int, flags: int, cb: Completion
+    ) -> None:
+        fd, unmap = self.fd, bool(flags & BDRV_REQ_MAY_UNMAP)
+
+        def done(ret: int) -> None:
+            if ret >= 0 and flags & BDRV_REQ_FUA:
+                self.aio_flush(ctx, cb)
+            else:
+                cb(ret)
+
+        thread_pool_submit_aio(ctx, lambda: _write_zeroes(fd, offset, nbytes, unmap), done)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self._length = self._query_length()
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _fallocate(fd: int, mode: int, offset: int, nbytes: int) -> int:
+    """Worker thread: fallocate(2) with ``mode``; 0 or -errno."""
+    if lib.fallocate(fd, mode, offset, nbytes) == 0:
+        return 0
+    return -ffi.errno
+
+
+def _punch_hole(fd: int, offset: int, nbytes: int) -> int:
+    """Worker thread: deallocate a range (it then reads as zeroes)."""
+    ret = _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+    return 0 if ret in (-errno.EOPNOTSUPP, -errno.ENOSYS) else ret  # discard is advisory
+
+
+def _write_zeroes(fd: int, offset: int, nbytes: int, unmap: bool) -> int:
+    """Worker thread: zero a range, deallocating it if allowed, else keeping it allocated."""
+    if unmap:
+        ret = _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+        if ret == 0:
+            return 0
+    ret = _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+    if ret == 0:
+        return 0
+    if ret not in (-errno.EOPNOTSUPP, -errno.ENOSYS, -errno.EINVAL):
+        return ret
+    done = 0  # the file system cannot zero a range: write zeroes
+    while done < nbytes:
+        n = os.pwrite(fd, memoryview(_ZERO_CHUNK)[: min(len(_ZERO_CHUNK), nbytes - done)],
+                      offset + done)
+        done += n
+    return 0
 
 
 def _preadv_full(fd: int, qiov: IOVector, offset: int) -> int:

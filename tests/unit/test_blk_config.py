@@ -161,8 +161,12 @@ def test_features(make_export, writable, num_queues):
         assert f & (1 << bit), name
     assert bool(f & (1 << 12)) == (num_queues > 1)  # MQ
     assert bool(f & (1 << 5)) == (not writable)  # RO
-    # nothing we do not implement (CONFIG_WCE, DISCARD, WRITE_ZEROES, SIZE_MAX, GEOMETRY)
-    allowed = sum(1 << b for b in FEATURES_ALWAYS.values()) | (1 << 12) | (1 << 5)
+    # CONFIG_WCE (11), DISCARD (13) and WRITE_ZEROES (14) are implemented and offered ...
+    for bit in (11, 13, 14):
+        assert f & (1 << bit)
+    # ... and nothing we do not implement (SIZE_MAX, GEOMETRY, ...)
+    allowed = (sum(1 << b for b in FEATURES_ALWAYS.values()) | (1 << 12) | (1 << 5)
+               | (1 << 11) | (1 << 13) | (1 << 14))
     assert f & ~allowed == 0
 
 
