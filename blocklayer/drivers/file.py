@@ -24,6 +24,7 @@ from blocklayer.bdrv import (
     bdrv_register,
 )
 from blocklayer.blockdev_options import enum_of
+from blocklayer.file_lock import ImageLock, ImageLockError
 from blocklayer.io_uring import OP_FSYNC, OP_READ, OP_WRITE, luring_get
 from blocklayer.iov import IOVector
 from blocklayer.thread_pool import thread_pool_submit_aio
@@ -64,6 +65,12 @@ class FileDriver(BlockDriver):
             self.fd = os.open(self.filename, flags)
         except OSError as e:
             raise BlockDriverError(f"Could not open '{self.filename}': {e.strerror}") from None
+        try:
+            # Opening takes no lock: set_perm does, once the node's users are known.
+            self.lock = ImageLock(self.fd, self.filename, opts.get("locking", "auto"))
+        except ValueError as e:
+            os.close(self.fd)
+            raise BlockDriverError(str(e)) from None
         self._length = self._query_length()
 
     def _query_length(self) -> int:
@@ -157,12 +164,21 @@ class FileDriver(BlockDriver):
 
         thread_pool_submit_aio(ctx, lambda: _write_zeroes(fd, offset, nbytes, unmap), done)
 
+    def set_perm(self, perm: int, shared: int) -> None:
+        """Lock the image as QEMU's file-posix does (bytes 100+/200+); PermissionError with
+        QEMU's text ('Failed to get "write" lock') when another process conflicts."""
+        try:
+            self.lock.update(perm, shared)
+        except ImageLockError as e:
+            raise PermissionError(str(e)) from None
+
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
         self._length = self._query_length()
 
     def close(self) -> None:
         if self.fd >= 0:
+            self.lock.release()
             os.close(self.fd)
             self.fd = -1
 
