@@ -53,6 +53,7 @@ class BlockAcctStats:
         with self.lock:
             self.failed_ops[kind] += 1
             self.total_time_ns[kind] += latency_ns
+            self.bins[kind][bisect.bisect_right(self.boundaries, latency_ns)] += 1
             self.last_access_ns = time.monotonic_ns()
 
     def block_acct_invalid(self, kind: BlockAcctType) -> None:

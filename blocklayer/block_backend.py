@@ -631,10 +631,41 @@ def blk_aio_pwrite_zeroes(
         f = flags if blk.root.unmap else flags & ~BDRV_REQ_MAY_UNMAP
         if not blk.enable_write_cache:
             f |= BDRV_REQ_FUA
-        blk.root.drv.aio_pwrite_zeroes(acb.ctx, offset, nbytes, f, acb.complete)
+        drv = blk.root.drv
+
+        def done(ret: int) -> None:
+            if ret == -errno.ENOTSUP:  # the driver cannot: write a zeroed buffer instead
+                _write_zero_buffers(drv, acb.ctx, offset, nbytes, f & ~BDRV_REQ_MAY_UNMAP,
+                                    acb.complete)
+            else:
+                acb.complete(ret)
+
+        drv.aio_pwrite_zeroes(acb.ctx, offset, nbytes, f, done)
 
     _blk_aio(blk, BlockAcctType.WRITE, nbytes, cb,
              lambda: _check_write(blk, offset, nbytes), submit)
+
+
+_ZERO_CHUNK = 1 << 20
+_zeroes = bytearray(_ZERO_CHUNK)  # never written to: drivers only read from it
+
+
+def _write_zero_buffers(drv: Any, ctx: AioContext, offset: int, nbytes: int, flags: int,
+                        cb: Completion) -> None:
+    """bdrv_co_do_pwrite_zeroes' fallback: write zeroes in chunks of at most 1 MiB."""
+    if nbytes == 0:
+        cb(0)
+        return
+    n = min(nbytes, _ZERO_CHUNK)
+    qiov = IOVector.from_buffers([memoryview(_zeroes)[:n]])
+
+    def next_chunk(ret: int) -> None:
+        if ret < 0:
+            cb(ret)
+        else:
+            _write_zero_buffers(drv, ctx, offset + n, nbytes - n, flags, cb)
+
+    drv.aio_pwritev(ctx, offset, qiov, flags, next_chunk)
 
 
 # -- whole-backend operations (main thread) ---------------------------------------------------
@@ -665,16 +696,19 @@ def blk_drain(blk: BlockBackend, then: Callable[[], None]) -> None:
 
 
 def blk_drain_all(then: Callable[[], None]) -> None:
-    """Main thread: drain every BlockBackend, then call ``then()``."""
-    pending = [len(_all_blks)]
-    if not _all_blks:
+    """Main thread: quiesce every BlockBackend at once, call ``then()`` when none has a
+    request in flight, and end the drained sections (bdrv_drain_all_begin/end)."""
+    blks = list(_all_blks)
+    nodes = {id(b.root): b.root for b in blks if b.root is not None}
+    for bs in nodes.values():
+        bdrv_drained_begin(bs)
+
+    def idle() -> bool:
+        return all(b.in_flight == 0 and not b.root_drained_poll() for b in blks)
+
+    def done() -> None:
         then()
-        return
+        for bs in nodes.values():
+            bdrv_drained_end(bs)
 
-    def one() -> None:
-        pending[0] -= 1
-        if pending[0] == 0:
-            then()
-
-    for blk in list(_all_blks):
-        blk_drain(blk, one)
+    aio_wait_until(idle, done)

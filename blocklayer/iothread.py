@@ -31,3 +31,8 @@ class IOThread:
     @property
     def thread_id(self) -> int | None:
         return self._thread.ident
+
+    @property
+    def native_id(self) -> int:
+        """The kernel's thread id (QMP query-iothreads' thread-id)."""
+        return self._thread.native_id or 0
