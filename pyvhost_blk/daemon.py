@@ -24,7 +24,9 @@ from typing import Any
 from blocklayer.aio import qemu_get_aio_context
 from blocklayer.bdrv import BlockDriverError, bdrv_nodes
 from blocklayer.blockdev import blockdev_add
+from blocklayer.events import set_event_emitter
 from blocklayer.iothread import IOThread
+from pyvhost_blk.chardev import MonitorOptionError, create_monitors
 from pyvhost_blk.cli import CommandLine, UsageError
 from pyvhost_blk.exports import export_add
 from pyvhost_blk.keyval import (
@@ -35,6 +37,8 @@ from pyvhost_blk.keyval import (
     to_int,
     to_str,
 )
+from pyvhost_blk.qmp import Monitor, QmpDispatcher
+from pyvhost_blk.qmp_commands import BlockCommands
 from vhost.server import SocketInUse, VuServer
 from virtio.blk_export import VhostUserBlkExport
 
@@ -51,22 +55,28 @@ class Daemon:
         self.stats_file: str | None = None
         self.shutting_down = False
         self.done = False
+        self.qmp = QmpDispatcher(on_quit=lambda: self.shutdown("quit"))
+        self.monitors: list[Monitor] = []
+        set_event_emitter(self.qmp.emit)
+        BlockCommands(self, self.qmp)
 
     # -- construction (main thread, before the loop) -------------------------------------------
     def configure(self, cl: CommandLine) -> None:
         """Create everything the command line asks for.  Raises UsageError."""
         self.stats_file = cl.stats_file
-        for opt, text, _parsed in cl.items:
-            if opt in ("chardev", "monitor"):
-                raise UsageError(
-                    f"--{opt} {text}: the QMP monitor is not implemented yet in pyvhost-blk"
-                )
         for text, parsed in cl.of("object"):
             self._wrap("object", text, self.object_add, parsed)
         for text, parsed in cl.of("blockdev"):
             self._wrap("blockdev", text, blockdev_add, parsed.values, parsed.from_json)
         for text, parsed in cl.of("export"):
             self._wrap("export", text, self.export_add, parsed)
+        if cl.of("monitor") or cl.of("chardev"):
+            try:
+                self.monitors = create_monitors(cl.of("chardev"), cl.of("monitor"), self.qmp)
+            except MonitorOptionError as e:
+                raise UsageError(f"--{e.option} {e.text}: {e}") from None
+            except OSError as e:
+                raise UsageError(f"--chardev: {e.strerror or e}") from None
         if cl.pidfile:
             self._write_pidfile(cl.pidfile)
 
@@ -126,6 +136,8 @@ class Daemon:
                     pass
         for t in self.iothreads.values():
             t.stop()
+        for m in self.monitors:
+            m.close()
         if self.pidfile:
             try:
                 os.unlink(self.pidfile)
@@ -168,6 +180,8 @@ class Daemon:
 
     def _finish(self) -> None:
         self.write_stats()
+        for m in self.monitors:
+            m.close()
         for t in self.iothreads.values():
             t.stop()
         for exp in self.exports.values():

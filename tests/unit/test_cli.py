@@ -279,9 +279,19 @@ def test_object_errors(daemon):
         configure(daemon, "--object", "iothread,id=x,poll-max-ns=fast")
 
 
-def test_monitor_not_implemented(daemon):
-    with pytest.raises(UsageError, match="QMP monitor is not implemented"):
-        configure(daemon, "--chardev", "socket,id=c,path=/tmp/q")
+def test_monitor_errors_name_the_option(daemon, tmp_path):
+    with pytest.raises(UsageError, match=r"^--monitor chardev=nope: chardev \"nope\" not found"):
+        configure(daemon, "--chardev", f"socket,id=c,path={tmp_path}/q,server=on,wait=off",
+                  "--monitor", "chardev=nope")
+    assert not (tmp_path / "q").exists()
+
+
+def test_monitor_socket_created_and_removed(daemon, tmp_path):
+    configure(daemon, "--chardev", f"socket,id=c,path={tmp_path}/q,server=on,wait=off",
+              "--monitor", "chardev=c")
+    assert (tmp_path / "q").exists()
+    daemon.abort()
+    assert not (tmp_path / "q").exists()
 
 
 def test_configure_success_then_abort_cleans_up(daemon, tmp_path, names):
