@@ -40,7 +40,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from blocklayer.aio import AioContext, aio_wait_kick, aio_wait_until, qemu_get_aio_context
+from blocklayer.aio import (
+    AioContext,
+    aio_wait_kick,
+    aio_wait_until,
+    current_aio_context,
+    qemu_get_aio_context,
+)
 from vhost.device import VuDevice
 from vhost.ffi import ffi, lib
 
@@ -119,6 +125,11 @@ class VuQueue:
             self.ctx.schedule(self._scheduled_process)
 
     def _scheduled_process(self) -> None:
+        if current_aio_context() is not self.ctx:
+            # The queue moved to another iothread since this was scheduled: only its own
+            # context may pop from the ring.
+            self.ctx.schedule(self._scheduled_process)
+            return
         self._process_scheduled = False
         self.process()
 
