@@ -2,16 +2,19 @@
 
 Counts done/failed/invalid operations, bytes and total latency per request type, keeps a
 latency histogram per type (QEMU's ``block-latency-histogram-set`` shape: ``boundaries`` in ns,
-``bins`` = one more than boundaries) and the time of the last completed request (idle time).
-Updated from any AioContext thread under one lock.
+``bins`` = one more than boundaries) and the time of the last request (idle time).
+
+The counters live in the BlockBackend's C state (``struct pyvu_blkstate``), updated with atomics
+by both the C request path and Python: one set of numbers whichever path served a request.
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
 import time
 from enum import IntEnum
+from typing import Any
+
+from vhost.ffi import ffi, lib
 
 
 class BlockAcctType(IntEnum):
@@ -25,59 +28,97 @@ _N = len(BlockAcctType)
 _PREFIX = {BlockAcctType.READ: "rd", BlockAcctType.WRITE: "wr",
            BlockAcctType.FLUSH: "flush", BlockAcctType.UNMAP: "unmap"}
 DEFAULT_BOUNDARIES_NS = [10_000, 100_000, 1_000_000, 10_000_000, 100_000_000, 1_000_000_000]
+MAX_BOUNDARIES = 6
 
 
 class BlockAcctStats:
-    """Counters by request type (see module docstring)."""
+    """Counters by request type (see module docstring); ``c`` is the shared C state."""
 
-    def __init__(self, boundaries_ns: list[int] | None = None) -> None:
-        self.lock = threading.Lock()
-        self.nr_ops = [0] * _N
-        self.nr_bytes = [0] * _N
-        self.failed_ops = [0] * _N
-        self.invalid_ops = [0] * _N
-        self.total_time_ns = [0] * _N
-        self.boundaries = list(boundaries_ns or DEFAULT_BOUNDARIES_NS)
-        self.bins = [[0] * (len(self.boundaries) + 1) for _ in range(_N)]
-        self.last_access_ns = time.monotonic_ns()
+    def __init__(self, boundaries_ns: list[int] | None = None, c: Any = None) -> None:
+        if c is None:
+            c = ffi.new("struct pyvu_blkstate *")
+            lib.pyvu_blk_init(c)
+        self.c = c
+        bounds = list(DEFAULT_BOUNDARIES_NS if boundaries_ns is None else boundaries_ns)
+        if len(bounds) > MAX_BOUNDARIES:
+            raise ValueError(f"at most {MAX_BOUNDARIES} histogram boundaries")
+        for i, b in enumerate(bounds):
+            c.boundaries[i] = b
+        c.nbounds = len(bounds)
+
+    # views of the C arrays, per kind
+    def _arr(self, field: str) -> list[int]:
+        a = getattr(self.c, field)
+        return [a[k] for k in range(_N)]
+
+    @property
+    def nr_ops(self) -> list[int]:
+        return self._arr("nr_ops")
+
+    @property
+    def nr_bytes(self) -> list[int]:
+        return self._arr("nr_bytes")
+
+    @property
+    def failed_ops(self) -> list[int]:
+        return self._arr("failed_ops")
+
+    @property
+    def invalid_ops(self) -> list[int]:
+        return self._arr("invalid_ops")
+
+    @property
+    def total_time_ns(self) -> list[int]:
+        return self._arr("total_time_ns")
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [self.c.boundaries[i] for i in range(self.c.nbounds)]
+
+    @property
+    def bins(self) -> list[list[int]]:
+        n = self.c.nbounds + 1
+        return [[self.c.bins[k][i] for i in range(n)] for k in range(_N)]
+
+    @property
+    def last_access_ns(self) -> int:
+        return self.c.last_access_ns
+
+    @last_access_ns.setter
+    def last_access_ns(self, value: int) -> None:
+        self.c.last_access_ns = value
+
+    @property
+    def fast_ops(self) -> int:
+        """Requests completed by the C path."""
+        return self.c.fast_ops
 
     def block_acct_done(self, kind: BlockAcctType, nbytes: int, latency_ns: int) -> None:
-        with self.lock:
-            self.nr_ops[kind] += 1
-            self.nr_bytes[kind] += nbytes
-            self.total_time_ns[kind] += latency_ns
-            self.bins[kind][bisect.bisect_right(self.boundaries, latency_ns)] += 1
-            self.last_access_ns = time.monotonic_ns()
+        lib.pyvu_acct_done(self.c, kind, nbytes, latency_ns)
 
     def block_acct_failed(self, kind: BlockAcctType, latency_ns: int) -> None:
-        with self.lock:
-            self.failed_ops[kind] += 1
-            self.total_time_ns[kind] += latency_ns
-            self.bins[kind][bisect.bisect_right(self.boundaries, latency_ns)] += 1
-            self.last_access_ns = time.monotonic_ns()
+        lib.pyvu_acct_failed(self.c, kind, latency_ns)
 
     def block_acct_invalid(self, kind: BlockAcctType) -> None:
-        with self.lock:
-            self.invalid_ops[kind] += 1
-            self.last_access_ns = time.monotonic_ns()
+        lib.pyvu_acct_invalid(self.c, kind)
 
     def to_dict(self) -> dict[str, object]:
         """QMP's BlockDeviceStats (query-blockstats), with QEMU's field names."""
         out: dict[str, object] = {}
-        with self.lock:
-            for kind, p in _PREFIX.items():
-                out[f"{p}_operations"] = self.nr_ops[kind]
-                out[f"failed_{p}_operations"] = self.failed_ops[kind]
-                out[f"invalid_{p}_operations"] = self.invalid_ops[kind]
-                out[f"{p}_total_time_ns"] = self.total_time_ns[kind]
-                if kind != BlockAcctType.FLUSH:
-                    out[f"{p}_bytes"] = self.nr_bytes[kind]
-                if kind != BlockAcctType.UNMAP:
-                    out[f"{p}_latency_histogram"] = {
-                        "boundaries": list(self.boundaries), "bins": list(self.bins[kind]),
-                    }
-            out["rd_merged"] = out["wr_merged"] = out["unmap_merged"] = 0
-            out["idle_time_ns"] = time.monotonic_ns() - self.last_access_ns
-            out["account_invalid"] = out["account_failed"] = True
-            out["timed_stats"] = []
+        nr, nb, failed = self.nr_ops, self.nr_bytes, self.failed_ops
+        invalid, total, bins, bounds = self.invalid_ops, self.total_time_ns, self.bins, \
+            self.boundaries
+        for kind, p in _PREFIX.items():
+            out[f"{p}_operations"] = nr[kind]
+            out[f"failed_{p}_operations"] = failed[kind]
+            out[f"invalid_{p}_operations"] = invalid[kind]
+            out[f"{p}_total_time_ns"] = total[kind]
+            if kind != BlockAcctType.FLUSH:
+                out[f"{p}_bytes"] = nb[kind]
+            if kind != BlockAcctType.UNMAP:
+                out[f"{p}_latency_histogram"] = {"boundaries": bounds, "bins": bins[kind]}
+        out["rd_merged"] = out["wr_merged"] = out["unmap_merged"] = 0
+        out["idle_time_ns"] = max(0, time.monotonic_ns() - self.c.last_access_ns)
+        out["account_invalid"] = out["account_failed"] = True
+        out["timed_stats"] = []
         return out

@@ -11,6 +11,10 @@ queued to run soon in that context.  We keep the same shape:
   (trio's ``run_sync_soon`` / QEMU's ``aio_bh_schedule_oneshot``): one locked deque and one
   eventfd that wakes the loop only when it is (about to be) blocked in ``epoll_wait``.
 * ``aio_poll(blocking)`` runs one iteration: BHs, then ready fd handlers, then BHs again.
+* The wait itself is ``pyvu_poller_wait`` (``vhost/_fastpath.c``), with the GIL released.  Its
+  epoll set may also hold *C handlers* (``add_c_handler``): virtqueue kicks and io_uring
+  completions served in C without returning to Python.  When such a handler leaves work for
+  Python it reports a *token*, dispatched like an fd: ``self._handlers[token]()``.
 
 ``current_aio_context()`` tells code which context it is running in; the block layer uses it to
 deliver completions back into the context that submitted a request.
@@ -21,12 +25,14 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from vhost.ffi import check_errno, ffi, lib
+
 _tls = threading.local()
+_MAX_TOKENS = 128
 log = logging.getLogger("pyvhost_blk.aio")
 
 
@@ -41,7 +47,9 @@ class AioContext:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._ep = select.epoll()
+        self._poller = ffi.new("struct pyvu_poller *")
+        check_errno(lib.pyvu_poller_init(self._poller), "epoll_create1")
+        self._tokens = ffi.new("uint64_t[]", _MAX_TOKENS)
         self._handlers: dict[int, Callable[[], None]] = {}
         self._bh: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
         self._bh_lock = threading.Lock()
@@ -52,7 +60,7 @@ class AioContext:
         )
         self._blocked = False  # True while (about to be) waiting in epoll with no timeout
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ep.register(self._wake_fd, select.EPOLLIN)
+        check_errno(lib.pyvu_poller_add_py(self._poller, self._wake_fd), "epoll_ctl")
         self.home_thread: int | None = None
         self.stopped = False
         self.iterations = 0
@@ -62,16 +70,25 @@ class AioContext:
         """Register (or with None, remove) a read handler for fd.  Home thread only."""
         if handler is None:
             if self._handlers.pop(fd, None) is not None:
-                try:
-                    self._ep.unregister(fd)
-                except (OSError, ValueError):
-                    pass  # already closed: epoll dropped it by itself
+                lib.pyvu_poller_del(self._poller, fd)  # fails harmlessly if already closed
             return
         if fd in self._handlers:
             self._handlers[fd] = handler
             return
         self._handlers[fd] = handler
-        self._ep.register(fd, select.EPOLLIN)
+        check_errno(lib.pyvu_poller_add_py(self._poller, fd), "epoll_ctl")
+
+    def add_c_handler(self, fd: int, chandler: Any, token: int,
+                      python_work: Callable[[], None]) -> None:
+        """Watch ``fd`` with a C handler (``struct pyvu_chandler *``); when it reports
+        ``token``, call ``python_work()`` here.  Home thread only."""
+        self._handlers[token] = python_work
+        check_errno(lib.pyvu_poller_add_c(self._poller, fd, chandler), "epoll_ctl")
+
+    def remove_c_handler(self, fd: int, token: int) -> None:
+        """Stop watching ``fd`` (before closing it).  Home thread only."""
+        lib.pyvu_poller_del(self._poller, fd)
+        self._handlers.pop(token, None)
 
     # -- bottom halves (any thread) ----------------------------------------------------------
     def schedule(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -126,10 +143,13 @@ class AioContext:
                     wait = -1.0 if timeout is None else timeout
         else:
             wait = 0.0
-        events = self._ep.poll(wait)
+        timeout_ms = -1 if wait < 0 else int(wait * 1000 + 0.999)
+        n = lib.pyvu_poller_wait(self._poller, timeout_ms, self._tokens, _MAX_TOKENS)
         self._blocked = False
         self.iterations += 1
-        for fd, _ in events:
+        tokens = self._tokens
+        for i in range(max(n, 0)):  # n < 0: EINTR (signal handlers have run by now)
+            fd = tokens[i]
             if fd == self._wake_fd:
                 try:
                     os.eventfd_read(self._wake_fd)
@@ -166,7 +186,7 @@ class AioContext:
         return self.home_thread is None or self.home_thread == threading.get_ident()
 
     def close(self) -> None:
-        self._ep.close()
+        lib.pyvu_poller_close(self._poller)
         os.close(self._wake_fd)
 
 
@@ -196,8 +216,10 @@ def aio_wait_until(cond: Callable[[], bool], then: Callable[[], None]) -> None:
     if cond():
         then()
         return
+    _c_wait_fd()
     with _waiters_lock:
         _waiters.append((cond, then))
+        lib.pyvu_set_waiters(len(_waiters))
     aio_wait_kick()  # cond may have become true between the check and the append
 
 
@@ -222,6 +244,29 @@ def _recheck_waiters() -> None:
             with _waiters_lock:
                 if w in _waiters:
                     _waiters.remove(w)
+                    lib.pyvu_set_waiters(len(_waiters))
                 else:
                     continue
             then()
+
+
+_wait_efd = -1
+
+
+def _c_wait_fd() -> None:
+    """The eventfd through which C counters (the fast path's in-flight counts) wake the main
+    loop when they drop to zero while someone waits.  Main thread."""
+    global _wait_efd
+    if _wait_efd >= 0:
+        return
+    _wait_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def on_wait_fd() -> None:
+        try:
+            os.eventfd_read(_wait_efd)
+        except BlockingIOError:
+            pass
+        aio_wait_kick()
+
+    qemu_get_aio_context().set_fd_handler(_wait_efd, on_wait_fd)
+    lib.pyvu_set_wait_efd(_wait_efd)

@@ -57,6 +57,7 @@ from blocklayer.bdrv import (
 from blocklayer.dev_ops import BlockDevOps
 from blocklayer.events import qapi_event_send
 from blocklayer.iov import IOVector
+from vhost.ffi import ffi, lib
 
 INT_MAX = 2**31 - 1
 
@@ -116,16 +117,24 @@ class BlockBackend:
         self.iostatus = BlockDeviceIoStatus.OK
         self.on_read_error = BlockdevOnError.REPORT
         self.on_write_error = BlockdevOnError.ENOSPC
-        self.in_flight = 0
         self.quiesce_counter = 0
         self.queued_requests: collections.deque[tuple[AioContext, Callable[[], None]]] = (
             collections.deque()
         )
         self._lock = threading.Lock()
-        self.stats = BlockAcctStats()
+        #: state shared with the C request path (vhost/_fastpath.c): in-flight count,
+        #: accounting, and the flags that decide which path serves a request
+        self.c = ffi.new("struct pyvu_blkstate *")
+        lib.pyvu_blk_init(self.c)
+        self.stats = BlockAcctStats(c=self.c)
         self.insert_bs_notifiers: list[Callable[[BlockBackend], None]] = []
         self.remove_bs_notifiers: list[Callable[[BlockBackend], None]] = []
         self.aio_context_notifiers: list[Callable[[AioContext], None]] = []
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of this backend in flight, from either path."""
+        return self.c.in_flight
 
     # -- the BdrvChild side: called by the root node (main thread) ------------------------
     def root_drained_begin(self) -> None:
@@ -486,15 +495,11 @@ def blk_check_byte_request(blk: BlockBackend, offset: int, size: int) -> int:
 
 
 def blk_inc_in_flight(blk: BlockBackend) -> None:
-    with blk._lock:
-        blk.in_flight += 1
+    lib.pyvu_blk_in_flight_add(blk.c, 1)
 
 
 def blk_dec_in_flight(blk: BlockBackend) -> None:
-    with blk._lock:
-        blk.in_flight -= 1
-        zero = blk.in_flight == 0
-    if zero:
+    if lib.pyvu_blk_in_flight_add(blk.c, -1) == 0:
         aio_wait_kick()
 
 
@@ -505,7 +510,7 @@ def _blk_start(blk: BlockBackend, ctx: AioContext, start: Callable[[], None]) ->
         if blk.quiesce_counter and not blk.disable_request_queuing:
             blk.queued_requests.append((ctx, start))
             return False
-        blk.in_flight += 1
+        lib.pyvu_blk_in_flight_add(blk.c, 1)
         return True
 
 

@@ -140,6 +140,71 @@ int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *io
                     unsigned niov, uint64_t offset, uint64_t user_data);
 int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max);
 
+/* _fastpath.c */
+#define PYVU_NKINDS 4
+#define PYVU_NBINS 7
+struct pyvu_blkstate {
+    int64_t in_flight;
+    uint64_t nr_ops[4], nr_bytes[4], failed_ops[4], invalid_ops[4], total_time_ns[4];
+    uint64_t bins[4][7];
+    uint64_t boundaries[6];
+    int nbounds;
+    uint64_t last_access_ns;
+    uint64_t fast_ops;
+    int64_t length;
+    int slow;
+    int force_slow;
+    int wce;
+    int writable;
+    int driver;
+    int fd;
+    int read_zeroes;
+    int no_flush;
+    uint32_t lbs;
+};
+void pyvu_blk_init(struct pyvu_blkstate *b);
+void pyvu_acct_done(struct pyvu_blkstate *b, int kind, uint64_t bytes, uint64_t ns);
+void pyvu_acct_failed(struct pyvu_blkstate *b, int kind, uint64_t ns);
+void pyvu_acct_invalid(struct pyvu_blkstate *b, int kind);
+int64_t pyvu_blk_in_flight_add(struct pyvu_blkstate *b, int64_t n);
+uint64_t pyvu_now_ns(void);
+void pyvu_set_wait_efd(int fd);
+void pyvu_set_waiters(int n);
+
+struct pyvu_chandler { int type; void *obj; };
+struct pyvu_poller { int epfd; };
+int pyvu_poller_init(struct pyvu_poller *p);
+void pyvu_poller_close(struct pyvu_poller *p);
+int pyvu_poller_add_py(struct pyvu_poller *p, int fd);
+int pyvu_poller_add_c(struct pyvu_poller *p, int fd, struct pyvu_chandler *h);
+int pyvu_poller_del(struct pyvu_poller *p, int fd);
+int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out, int max);
+
+struct pyvu_ring { struct pyvu_uring u; struct pyvu_chandler h; int npy; ...; };
+int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd);
+int pyvu_ring_take_py(struct pyvu_ring *ring, uint64_t *ud, int *res, int max);
+
+struct pyvu_fastq {
+    struct pyvu_ring *ring;
+    struct pyvu_chandler h;
+    int kick_fd;
+    int paused;
+    int64_t in_flight;
+    uint64_t requests;
+    uint64_t kicks;
+    int nslow;
+    int nfailed;
+    ...;
+};
+void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
+                     struct pyvu_blkstate *b);
+void pyvu_fastq_process(struct pyvu_fastq *q);
+int pyvu_fastq_take_slow(struct pyvu_fastq *q, VuVirtqElement **out, int max);
+int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, int *err, int *type,
+                           int max);
+void pyvu_fastq_reported_done(struct pyvu_fastq *q);
+void pyvu_fastq_python_done(struct pyvu_fastq *q, int n);
+
 extern "Python" uint64_t pyvu_cb_get_features(VuDev *);
 extern "Python" void pyvu_cb_set_features(VuDev *, uint64_t);
 extern "Python" uint64_t pyvu_cb_get_protocol_features(VuDev *);
@@ -163,8 +228,10 @@ def make_ffi() -> FFI:
         raise SystemExit(1) from None
     lvu = root / "subprojects" / "libvhost-user"
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "_pyvu.c"), encoding="utf-8") as f:
-        glue = f.read()
+    glue = ""
+    for name in ("_pyvu.c", "_fastpath.c"):
+        with open(os.path.join(here, name), encoding="utf-8") as f:
+            glue += f.read() + "\n"
     ffibuilder = FFI()
     ffibuilder.cdef(CDEF)
     ffibuilder.set_source(

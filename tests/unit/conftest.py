@@ -70,8 +70,15 @@ def drain_bhs(ctx: AioContext | None = None) -> None:
 
 
 def _allowed_fds(ctx: AioContext) -> set[int]:
+    """Handlers that live as long as the process: the context's io_uring and the main loop's
+    aio_wait eventfd (created on first use)."""
+    from blocklayer import aio
+
     st = io_uring._states.get(ctx)
-    return {st._efd} if st is not None else set()
+    allowed = {st._efd} if st is not None else set()
+    if aio._wait_efd >= 0:
+        allowed.add(aio._wait_efd)
+    return allowed
 
 
 @pytest.fixture

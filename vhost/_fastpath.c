@@ -1,0 +1,691 @@
+/*
+ * The per-request path in C: event poller, shared BlockBackend state, virtqueue processing.
+ *
+ * Theory of operation
+ * -------------------
+ * Every AioContext waits in pyvu_poller_wait() (GIL released).  The epoll set holds two kinds of
+ * entries: Python fds (reported back to Python as their fd number) and C handlers (a kick
+ * eventfd of a queue, or an io_uring completion eventfd), which are served right here without
+ * the GIL: pop every available request, decide per request whether C can serve it, submit or
+ * complete it, push the completions with one notification per batch.
+ *
+ * The per-request choice is made from flags Python sets in struct pyvu_blkstate (one per
+ * BlockBackend, the single source of truth for in-flight counts and accounting):
+ *   - C ("fast") path: IN/OUT/FLUSH on a null-co node, or on a file node served by io_uring in
+ *     this context, with no reason for Python to look (slow == 0, force_slow == 0);
+ *   - Python path: anything else (other request types, malformed requests, no medium, tray open,
+ *     a stopped export, a forced slow path).  Such elements go to the queue's slow list and the
+ *     poller reports the queue to Python, which runs the Python handler on them.
+ * A request that *fails* on the fast path is handed to Python as well (the failed list), so the
+ * error policy (rerror/werror, stop and retry) lives in one place.
+ *
+ * Both paths count in the same counters: blk->in_flight (BlockBackend in-flight),
+ * q->in_flight (popped, not pushed) and the accounting arrays.  When a counter drops to zero
+ * and Python waits for a drain (pyvu_waiters), pyvu_wait_efd is signalled, which wakes the main
+ * loop to re-check its aio_wait conditions.  Python pauses a queue by setting q->paused and then
+ * taking the dispatch lock exclusively once, so no pop loop is running after that.
+ *
+ * Threads: a queue and its io_uring are only touched by their AioContext's thread; the
+ * blkstate's counters are atomics shared by all queues and the Python side.
+ */
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+
+#define PYVU_TOKEN_C      (1ULL << 63)
+#define PYVU_H_KICK       1
+#define PYVU_H_URING      2
+#define PYVU_QMAX         1024
+#define PYVU_NKINDS       4     /* read, write, flush, unmap: as BlockAcctType */
+#define PYVU_NBINS        7
+
+#define VBLK_T_IN         0
+#define VBLK_T_OUT        1
+#define VBLK_T_FLUSH      4
+#define VBLK_T_BARRIER    0x80000000u
+#define VBLK_S_OK         0
+#define VBLK_S_IOERR      1
+#define BDRV_MAX_SECTORS  (0x7fffffffu >> 9)
+
+#define DRV_NONE          0
+#define DRV_NULL          1
+#define DRV_FILE          2
+
+static int pyvu_wait_efd = -1;
+static int pyvu_waiters;        /* > 0 while Python waits for some counter to drop */
+
+static void pyvu_set_wait_efd(int fd) { pyvu_wait_efd = fd; }
+static void pyvu_set_waiters(int n) { __atomic_store_n(&pyvu_waiters, n, __ATOMIC_SEQ_CST); }
+
+static void pyvu_kick_waiters(void)
+{
+    if (__atomic_load_n(&pyvu_waiters, __ATOMIC_SEQ_CST) && pyvu_wait_efd >= 0) {
+        eventfd_write(pyvu_wait_efd, 1);
+    }
+}
+
+static uint64_t pyvu_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+/* ---- shared BlockBackend state ---- */
+
+struct pyvu_blkstate {
+    int64_t in_flight;
+    uint64_t nr_ops[PYVU_NKINDS], nr_bytes[PYVU_NKINDS], failed_ops[PYVU_NKINDS];
+    uint64_t invalid_ops[PYVU_NKINDS], total_time_ns[PYVU_NKINDS];
+    uint64_t bins[PYVU_NKINDS][PYVU_NBINS];
+    uint64_t boundaries[PYVU_NBINS - 1];
+    int nbounds;
+    uint64_t last_access_ns;
+    uint64_t fast_ops;          /* requests completed by the C path (for tests/stats) */
+    int64_t length;             /* bytes; < 0: no medium */
+    int slow;                   /* Python wants to see every request (tray, stop, ...) */
+    int force_slow;             /* the user forced the Python path */
+    int wce;                    /* write cache enabled (else writes are FUA) */
+    int writable;
+    int driver;                 /* DRV_* */
+    int fd;                     /* file driver: the image fd */
+    int read_zeroes;            /* null-co */
+    int no_flush;
+    uint32_t lbs;               /* logical block size */
+};
+
+static void pyvu_blk_init(struct pyvu_blkstate *b)
+{
+    static const uint64_t bounds[PYVU_NBINS - 1] = {
+        10000, 100000, 1000000, 10000000, 100000000, 1000000000,
+    };
+    memset(b, 0, sizeof(*b));
+    memcpy(b->boundaries, bounds, sizeof(bounds));
+    b->nbounds = PYVU_NBINS - 1;
+    b->length = -1;
+    b->wce = 1;
+    b->lbs = 512;
+    b->fd = -1;
+    b->last_access_ns = pyvu_now_ns();
+}
+
+static int pyvu_bin(struct pyvu_blkstate *b, uint64_t ns)
+{
+    int i = 0;
+    while (i < b->nbounds && ns >= b->boundaries[i]) {
+        i++;
+    }
+    return i;
+}
+
+static void pyvu_acct_done(struct pyvu_blkstate *b, int kind, uint64_t bytes, uint64_t ns)
+{
+    __atomic_fetch_add(&b->nr_ops[kind], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&b->nr_bytes[kind], bytes, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&b->total_time_ns[kind], ns, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&b->bins[kind][pyvu_bin(b, ns)], 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->last_access_ns, pyvu_now_ns(), __ATOMIC_RELAXED);
+}
+
+static void pyvu_acct_failed(struct pyvu_blkstate *b, int kind, uint64_t ns)
+{
+    __atomic_fetch_add(&b->failed_ops[kind], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&b->total_time_ns[kind], ns, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&b->bins[kind][pyvu_bin(b, ns)], 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->last_access_ns, pyvu_now_ns(), __ATOMIC_RELAXED);
+}
+
+static void pyvu_acct_invalid(struct pyvu_blkstate *b, int kind)
+{
+    __atomic_fetch_add(&b->invalid_ops[kind], 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->last_access_ns, pyvu_now_ns(), __ATOMIC_RELAXED);
+}
+
+static int64_t pyvu_blk_in_flight_add(struct pyvu_blkstate *b, int64_t n)
+{
+    int64_t v = __atomic_add_fetch(&b->in_flight, n, __ATOMIC_SEQ_CST);
+    if (v == 0) {
+        pyvu_kick_waiters();
+    }
+    return v;
+}
+
+/* ---- poller ---- */
+
+struct pyvu_chandler {
+    int type;
+    void *obj;
+};
+
+struct pyvu_poller {
+    int epfd;
+};
+
+static int pyvu_poller_init(struct pyvu_poller *p)
+{
+    p->epfd = epoll_create1(EPOLL_CLOEXEC);
+    return p->epfd < 0 ? -errno : 0;
+}
+
+static void pyvu_poller_close(struct pyvu_poller *p)
+{
+    if (p->epfd >= 0) {
+        close(p->epfd);
+        p->epfd = -1;
+    }
+}
+
+static int pyvu_poller_add_py(struct pyvu_poller *p, int fd)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = (uint64_t)(unsigned)fd };
+    return epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+static int pyvu_poller_add_c(struct pyvu_poller *p, int fd, struct pyvu_chandler *h)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = h };
+    return epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+static int pyvu_poller_del(struct pyvu_poller *p, int fd)
+{
+    return epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, NULL) < 0 ? -errno : 0;
+}
+
+/* ---- io_uring completions shared by C and Python requests ---- */
+
+/* A ring's completions for Python requests (user_data with the low bit set) wait here. */
+#define PYVU_PYCQE_MAX 1024
+
+struct pyvu_ring {
+    struct pyvu_uring u;
+    struct pyvu_chandler h;
+    uint64_t py_ud[PYVU_PYCQE_MAX];
+    int py_res[PYVU_PYCQE_MAX];
+    int npy;
+    int py_reported;
+};
+
+/* ---- queues ---- */
+
+struct pyvu_req;
+
+struct pyvu_fastq {
+    struct pyvu_dev *pdev;
+    int qidx;
+    struct pyvu_blkstate *blk;
+    struct pyvu_ring *ring;         /* this context's ring, if the file driver uses io_uring */
+    struct pyvu_chandler h;
+    int kick_fd;
+    int paused;
+    int64_t in_flight;              /* popped, not yet pushed (both paths) */
+    uint64_t requests;
+    uint64_t kicks;
+    int py_reported;                /* a token for this queue is with Python */
+    VuVirtqElement *slow[PYVU_QMAX];
+    int nslow;
+    struct pyvu_req *failed[PYVU_QMAX];
+    int nfailed;
+    struct pyvu_req *done[PYVU_QMAX];
+    int ndone;
+};
+
+struct pyvu_req {
+    VuVirtqElement elem;            /* first: Python sees a VuVirtqElement * */
+    struct pyvu_fastq *q;
+    uint8_t *status;
+    uint32_t in_len;
+    int type;
+    int kind;                       /* accounting kind */
+    int fua;                        /* a write that must be followed by an fsync */
+    int err;                        /* -errno when handed to Python as failed */
+    uint64_t offset;
+    uint64_t bytes;
+    uint64_t start_ns;
+    struct iovec *iov;
+    unsigned niov;
+};
+
+static int64_t pyvu_q_in_flight_add(struct pyvu_fastq *q, int64_t n)
+{
+    int64_t v = __atomic_add_fetch(&q->in_flight, n, __ATOMIC_SEQ_CST);
+    if (v == 0) {
+        pyvu_kick_waiters();
+    }
+    return v;
+}
+
+static void pyvu_req_complete(struct pyvu_req *r, uint8_t status)
+{
+    struct pyvu_fastq *q = r->q;
+    *r->status = status;
+    q->done[q->ndone++] = r;
+}
+
+/* Push completed requests (dispatch lock held shared). */
+static void pyvu_fastq_flush_locked(struct pyvu_fastq *q)
+{
+    VuDev *dev = &q->pdev->vu;
+    VuVirtq *vq = &dev->vq[q->qidx];
+    int n = q->ndone;
+    if (!n) {
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = q->done[i];
+        vu_queue_push(dev, vq, &r->elem, r->in_len);
+        free(r);
+    }
+    q->ndone = 0;
+    vu_queue_notify(dev, vq);
+    pyvu_q_in_flight_add(q, -n);
+}
+
+static void pyvu_fastq_flush(struct pyvu_fastq *q)
+{
+    if (q->ndone) {
+        pthread_rwlock_rdlock(&q->pdev->lock);
+        pyvu_fastq_flush_locked(q);
+        pthread_rwlock_unlock(&q->pdev->lock);
+    }
+}
+
+static int pyvu_ring_prep(struct pyvu_ring *ring, struct pyvu_req *r, int op)
+{
+    return pyvu_uring_prep(&ring->u, op, r->q->blk->fd, r->iov, r->niov, r->offset,
+                           (uint64_t)(uintptr_t)r);
+}
+
+static void pyvu_fast_fail(struct pyvu_req *r, int err)
+{
+    struct pyvu_fastq *q = r->q;
+    pyvu_acct_failed(q->blk, r->kind, pyvu_now_ns() - r->start_ns);
+    pyvu_blk_in_flight_add(q->blk, -1);
+    r->err = err;
+    q->failed[q->nfailed++] = r;
+}
+
+static void pyvu_fast_ok(struct pyvu_req *r)
+{
+    struct pyvu_fastq *q = r->q;
+    pyvu_acct_done(q->blk, r->kind, r->bytes, pyvu_now_ns() - r->start_ns);
+    __atomic_fetch_add(&q->blk->fast_ops, 1, __ATOMIC_RELAXED);
+    pyvu_blk_in_flight_add(q->blk, -1);
+    pyvu_req_complete(r, VBLK_S_OK);
+}
+
+/*
+ * Try to serve a popped request in C.  Returns 0 if Python must handle it (nothing changed),
+ * 1 if it was taken (completed, failed, or submitted).
+ */
+static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
+{
+    struct pyvu_blkstate *b = q->blk;
+    VuVirtqElement *e = &r->elem;
+    uint32_t type;
+    uint64_t sector, total, nb;
+    struct iovec *last;
+    int is_write;
+
+    if (__atomic_load_n(&b->slow, __ATOMIC_ACQUIRE) || b->force_slow) {
+        return 0;
+    }
+    if (b->driver == DRV_NONE || (b->driver == DRV_FILE && !q->ring)) {
+        return 0;
+    }
+    if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < 16) {
+        return 0;
+    }
+    last = &e->in_sg[e->in_num - 1];
+    if (last->iov_len < 1) {
+        return 0;
+    }
+    memcpy(&type, e->out_sg[0].iov_base, 4);
+    memcpy(&sector, (char *)e->out_sg[0].iov_base + 8, 8);
+    type = le32toh(type) & ~VBLK_T_BARRIER;
+    sector = le64toh(sector);
+    r->q = q;
+    r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+    r->type = type;
+    r->fua = 0;
+    r->err = 0;
+
+    if (type == VBLK_T_FLUSH) {
+        r->kind = 2;
+        r->bytes = 0;
+        r->in_len = 1;
+        r->start_ns = pyvu_now_ns();
+        pyvu_blk_in_flight_add(b, 1);
+        if (b->driver == DRV_NULL || b->no_flush) {
+            pyvu_fast_ok(r);
+        } else if (pyvu_ring_prep(q->ring, r, 2) < 0) {
+            pyvu_fast_fail(r, -EIO);
+        }
+        return 1;
+    }
+    if (type != VBLK_T_IN && type != VBLK_T_OUT) {
+        return 0;
+    }
+    is_write = type == VBLK_T_OUT;
+    if (is_write) {
+        if (e->out_sg[0].iov_len != 16) {
+            return 0;   /* header and data in one buffer: leave it to Python */
+        }
+        r->iov = e->out_sg + 1;
+        r->niov = e->out_num - 1;
+    } else {
+        r->iov = e->in_sg;
+        r->niov = e->in_num;
+        if (last->iov_len == 1) {
+            r->niov--;
+        } else {
+            last->iov_len--;    /* the status byte is not data */
+        }
+    }
+    r->bytes = 0;
+    for (unsigned i = 0; i < r->niov; i++) {
+        r->bytes += r->iov[i].iov_len;
+    }
+    r->kind = is_write ? 1 : 0;
+    r->in_len = is_write ? 1 : (uint32_t)r->bytes + 1;
+    total = (uint64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE);
+    if ((int64_t)total < 0) {
+        if (!is_write && last->iov_len >= 1 && r->niov == e->in_num) {
+            last->iov_len++;    /* undo: Python parses the element again */
+        }
+        return 0;
+    }
+    total >>= 9;
+    nb = r->bytes >> 9;
+    if ((r->bytes & 511) || nb > BDRV_MAX_SECTORS || ((sector << 9) % b->lbs) ||
+        sector > total || nb > total - sector || (is_write && !b->writable)) {
+        pyvu_acct_invalid(b, r->kind);
+        r->in_len = 1;
+        pyvu_req_complete(r, VBLK_S_IOERR);
+        return 1;
+    }
+    r->offset = sector << 9;
+    r->start_ns = pyvu_now_ns();
+    pyvu_blk_in_flight_add(b, 1);
+    if (b->driver == DRV_NULL) {
+        if (!is_write && b->read_zeroes) {
+            for (unsigned i = 0; i < r->niov; i++) {
+                memset(r->iov[i].iov_base, 0, r->iov[i].iov_len);
+            }
+        }
+        pyvu_fast_ok(r);
+        return 1;
+    }
+    r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
+    if (pyvu_ring_prep(q->ring, r, is_write ? 1 : 0) < 0) {
+        pyvu_fast_fail(r, -EIO);
+    }
+    return 1;
+}
+
+/* Pop and serve everything available.  Queue's thread, GIL released. */
+static void pyvu_fastq_process(struct pyvu_fastq *q)
+{
+    struct pyvu_dev *d = q->pdev;
+    VuDev *dev = &d->vu;
+
+    pthread_rwlock_rdlock(&d->lock);
+    if (__atomic_load_n(&q->paused, __ATOMIC_ACQUIRE) || d->vu.broken) {
+        pthread_rwlock_unlock(&d->lock);
+        return;
+    }
+    VuVirtq *vq = &dev->vq[q->qidx];
+    while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX) {
+        struct pyvu_req *r = vu_queue_pop(dev, vq, sizeof(struct pyvu_req));
+        if (!r) {
+            break;
+        }
+        pyvu_q_in_flight_add(q, 1);
+        q->requests++;
+        if (!pyvu_fast_start(q, r)) {
+            q->slow[q->nslow++] = &r->elem;
+        }
+    }
+    if (q->ring && q->ring->u.pending) {
+        pyvu_uring_submit(&q->ring->u);
+    }
+    pyvu_fastq_flush_locked(q);
+    pthread_rwlock_unlock(&d->lock);
+}
+
+static int pyvu_fastq_needs_python(struct pyvu_fastq *q)
+{
+    return q->nslow || q->nfailed;
+}
+
+/* A completion for a C request. */
+static void pyvu_fast_cqe(struct pyvu_req *r, int res)
+{
+    struct pyvu_fastq *q = r->q;
+    if (r->type == VBLK_T_FLUSH) {
+        if (res < 0) {
+            pyvu_fast_fail(r, res);
+        } else {
+            pyvu_fast_ok(r);
+        }
+        return;
+    }
+    if (res < 0) {
+        pyvu_fast_fail(r, res);
+        return;
+    }
+    if ((uint64_t)res != r->bytes) {
+        /* Short transfer: a short write means the host ran out of space (as file-posix);
+         * a short read (past EOF of an image whose size is not sector-aligned) goes to
+         * Python, which re-reads and zero-fills it. */
+        pyvu_fast_fail(r, r->type == VBLK_T_OUT ? -ENOSPC : -EAGAIN);
+        return;
+    }
+    if (r->fua) {
+        r->fua = 0;
+        r->type = VBLK_T_FLUSH;     /* the write is done; complete after the fsync */
+        r->kind = 1;
+        if (pyvu_ring_prep(q->ring, r, 2) < 0) {
+            pyvu_fast_fail(r, -EIO);
+        }
+        return;
+    }
+    pyvu_fast_ok(r);
+}
+
+#define PYVU_REAP 64
+
+/* Reap a ring: C requests are finished here, Python ones are kept for Python. */
+static void pyvu_ring_reap(struct pyvu_ring *ring, struct pyvu_fastq **touched, int *ntouched,
+                           int maxtouched)
+{
+    uint64_t ud[PYVU_REAP];
+    int res[PYVU_REAP];
+    int n;
+    do {
+        n = pyvu_uring_reap(&ring->u, ud, res, PYVU_REAP);
+        for (int i = 0; i < n; i++) {
+            if (ud[i] & 1) {
+                if (ring->npy < PYVU_PYCQE_MAX) {
+                    ring->py_ud[ring->npy] = ud[i];
+                    ring->py_res[ring->npy] = res[i];
+                    ring->npy++;
+                }
+                continue;
+            }
+            struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)ud[i];
+            struct pyvu_fastq *q = r->q;
+            pyvu_fast_cqe(r, res[i]);
+            int seen = 0;
+            for (int j = 0; j < *ntouched; j++) {
+                seen |= touched[j] == q;
+            }
+            if (!seen && *ntouched < maxtouched) {
+                touched[(*ntouched)++] = q;
+            }
+        }
+    } while (n == PYVU_REAP);
+    if (ring->u.pending) {
+        pyvu_uring_submit(&ring->u);   /* FUA fsyncs */
+    }
+}
+
+static void pyvu_emit(uint64_t *out, int *nout, int max, uint64_t token)
+{
+    if (*nout < max) {
+        out[(*nout)++] = token;
+    }
+}
+
+static void pyvu_report_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int max)
+{
+    if (pyvu_fastq_needs_python(q) && !q->py_reported && *nout < max) {
+        q->py_reported = 1;
+        pyvu_emit(out, nout, max, PYVU_TOKEN_C | (uint64_t)(uintptr_t)q);
+    }
+}
+
+static void pyvu_handle_c(struct pyvu_chandler *h, uint64_t *out, int *nout, int max)
+{
+    eventfd_t v;
+    if (h->type == PYVU_H_KICK) {
+        struct pyvu_fastq *q = h->obj;
+        eventfd_read(q->kick_fd, &v);
+        q->kicks++;
+        pyvu_fastq_process(q);
+        pyvu_report_queue(q, out, nout, max);
+    } else if (h->type == PYVU_H_URING) {
+        struct pyvu_ring *ring = h->obj;
+        struct pyvu_fastq *touched[16];
+        int ntouched = 0;
+        eventfd_read(ring->u.efd, &v);
+        pyvu_ring_reap(ring, touched, &ntouched, 16);
+        for (int i = 0; i < ntouched; i++) {
+            pyvu_fastq_flush(touched[i]);
+            pyvu_report_queue(touched[i], out, nout, max);
+        }
+        if (ring->npy && !ring->py_reported && *nout < max) {
+            ring->py_reported = 1;
+            pyvu_emit(out, nout, max, PYVU_TOKEN_C | (uint64_t)(uintptr_t)ring);
+        }
+    }
+}
+
+/*
+ * Wait for events.  C handlers are served here; returns the number of tokens for Python
+ * (a Python fd, or PYVU_TOKEN_C|pointer of a queue/ring with work for Python), 0 on timeout,
+ * -EINTR if a signal interrupted the wait.
+ */
+static int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out, int max)
+{
+    struct epoll_event ev[32];
+    uint64_t deadline = 0;
+    int nout = 0;
+
+    if (timeout_ms > 0) {
+        deadline = pyvu_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    }
+    for (;;) {
+        int n = epoll_wait(p->epfd, ev, 32, nout ? 0 : timeout_ms);
+        if (n < 0) {
+            if (errno == EINTR) {
+                return nout ? nout : -EINTR;
+            }
+            return nout ? nout : -errno;
+        }
+        for (int i = 0; i < n; i++) {
+            uint64_t u = ev[i].data.u64;
+            if (u <= 0xffffffffull) {
+                pyvu_emit(out, &nout, max, u);
+            } else {
+                pyvu_handle_c(ev[i].data.ptr, out, &nout, max);
+            }
+        }
+        if (nout || n == 0 || timeout_ms == 0) {
+            return nout;
+        }
+        if (timeout_ms > 0) {
+            uint64_t now = pyvu_now_ns();
+            if (now >= deadline) {
+                return 0;
+            }
+            timeout_ms = (int)((deadline - now) / 1000000ull) + 1;
+        }
+    }
+}
+
+/* ---- Python's side of a queue ---- */
+
+static void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
+                            struct pyvu_blkstate *b)
+{
+    memset(q, 0, sizeof(*q));
+    q->pdev = d;
+    q->qidx = qidx;
+    q->blk = b;
+    q->kick_fd = -1;
+    q->h.type = PYVU_H_KICK;
+    q->h.obj = q;
+}
+
+/* Python took the queue's token: hand over the slow and failed lists. */
+static int pyvu_fastq_take_slow(struct pyvu_fastq *q, VuVirtqElement **out, int max)
+{
+    int n = q->nslow < max ? q->nslow : max;
+    memcpy(out, q->slow, n * sizeof(out[0]));
+    memmove(q->slow, q->slow + n, (q->nslow - n) * sizeof(q->slow[0]));
+    q->nslow -= n;
+    return n;
+}
+
+static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, int *err,
+                                  int *type, int max)
+{
+    int n = q->nfailed < max ? q->nfailed : max;
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = q->failed[i];
+        out[i] = &r->elem;
+        err[i] = r->err;
+        type[i] = r->type == VBLK_T_FLUSH && r->kind == 1 ? VBLK_T_OUT : r->type;
+        if (r->type == VBLK_T_IN && r->niov == r->elem.in_num) {
+            r->elem.in_sg[r->elem.in_num - 1].iov_len++;   /* give back the status byte */
+        }
+    }
+    memmove(q->failed, q->failed + n, (q->nfailed - n) * sizeof(q->failed[0]));
+    q->nfailed -= n;
+    return n;
+}
+
+static void pyvu_fastq_reported_done(struct pyvu_fastq *q)
+{
+    q->py_reported = 0;
+}
+
+/* Python finished n elements of this queue (pushed them itself). */
+static void pyvu_fastq_python_done(struct pyvu_fastq *q, int n)
+{
+    pyvu_q_in_flight_add(q, -n);
+}
+
+static int pyvu_ring_take_py(struct pyvu_ring *ring, uint64_t *ud, int *res, int max)
+{
+    int n = ring->npy < max ? ring->npy : max;
+    memcpy(ud, ring->py_ud, n * sizeof(ud[0]));
+    memcpy(res, ring->py_res, n * sizeof(res[0]));
+    memmove(ring->py_ud, ring->py_ud + n, (ring->npy - n) * sizeof(ud[0]));
+    memmove(ring->py_res, ring->py_res + n, (ring->npy - n) * sizeof(res[0]));
+    ring->npy -= n;
+    if (!ring->npy) {
+        ring->py_reported = 0;
+    }
+    return n;
+}
+
+static int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd)
+{
+    memset(ring, 0, sizeof(*ring));
+    ring->h.type = PYVU_H_URING;
+    ring->h.obj = ring;
+    return pyvu_uring_init(&ring->u, entries, efd);
+}
