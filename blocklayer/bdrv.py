@@ -24,6 +24,8 @@ from blocklayer.iov import IOVector
 
 Completion = Callable[[int], None]
 
+DRV_NONE, DRV_NULL, DRV_FILE = 0, 1, 2  # what the C request path can serve (_fastpath.c)
+
 BDRV_REQ_MAY_UNMAP = 0x4  # write_zeroes may deallocate instead of writing
 BDRV_REQ_FUA = 0x10  # QEMU's flag value: write must be on stable storage before completing
 
@@ -68,6 +70,11 @@ class BlockDriver:
     ) -> None:
         """Make a range read as zeroes; BDRV_REQ_MAY_UNMAP allows deallocating it."""
         cb(-errno.ENOTSUP)
+
+    def fast_path_info(self) -> tuple[int, int, bool, bool]:
+        """(kind, fd, read_zeroes, no_flush) for the C request path: kind DRV_NONE (0) keeps
+        every request in Python, DRV_NULL (1) or DRV_FILE (2: served with io_uring on fd)."""
+        return (DRV_NONE, -1, False, False)
 
     def set_perm(self, perm: int, shared: int) -> None:
         """The node's users now hold ``perm`` and share ``shared`` (QEMU's BLK_PERM_* bits).

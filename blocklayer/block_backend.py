@@ -49,6 +49,7 @@ from blocklayer.aio import AioContext, aio_wait_kick, aio_wait_until, current_ai
 from blocklayer.bdrv import (
     BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
+    DRV_NONE,
     BlockDriverState,
     bdrv_drained_begin,
     bdrv_drained_end,
@@ -131,6 +132,20 @@ class BlockBackend:
         self.remove_bs_notifiers: list[Callable[[BlockBackend], None]] = []
         self.aio_context_notifiers: list[Callable[[AioContext], None]] = []
 
+    def update_c_state(self) -> None:
+        """Main thread: refresh what the C request path reads (length, driver, flags).  Called
+        whenever one of them may have changed: medium, size, tray, permissions, cache mode."""
+        c, bs = self.c, self.root
+        c.length = blk_getlength(self) if blk_is_available(self) else -1
+        c.wce = int(self.enable_write_cache)
+        c.writable = int(bool(self.perm & BLK_PERM_WRITE) and not blk_is_read_only(self))
+        kind, fd, read_zeroes, no_flush = (
+            bs.drv.fast_path_info() if bs is not None else (DRV_NONE, -1, False, False)
+        )
+        if bs is not None and bs.detect_zeroes != "off":
+            kind = DRV_NONE  # only Python implements detect-zeroes
+        c.driver, c.fd, c.read_zeroes, c.no_flush = kind, fd, int(read_zeroes), int(no_flush)
+
     @property
     def in_flight(self) -> int:
         """Requests of this backend in flight, from either path."""
@@ -164,6 +179,7 @@ class BlockBackend:
             ctx.schedule(resume)
 
     def root_resize(self) -> None:
+        self.update_c_state()
         if self.dev_ops and self.dev_ops.resize_cb:
             self.dev_ops.resize_cb()
 
@@ -251,6 +267,7 @@ def blk_set_perm(blk: BlockBackend, perm: int, shared_perm: int) -> None:
         total = bdrv_check_parent_perms(bs, blk, perm, shared_perm)
         _bdrv_apply_perms(bs, *total)
     blk.perm, blk.shared_perm = perm, shared_perm
+    blk.update_c_state()
 
 
 def blk_insert_bs(blk: BlockBackend, bs: BlockDriverState) -> None:
@@ -264,6 +281,7 @@ def blk_insert_bs(blk: BlockBackend, bs: BlockDriverState) -> None:
     blk.root = bs
     for _ in range(bs.quiesce_counter):  # attaching to a drained node drains us too
         blk.root_drained_begin()
+    blk.update_c_state()
     for n in list(blk.insert_bs_notifiers):
         n(blk)
 
@@ -281,6 +299,7 @@ def blk_remove_bs(blk: BlockBackend) -> None:
         blk.root_drained_end()
     blk.root = None
     bs.parents.remove(blk)
+    blk.update_c_state()
     try:
         perm, shared = bdrv_check_parent_perms(bs, None, 0, BLK_PERM_ALL)
         bs.drv.set_perm(perm, shared)
@@ -335,6 +354,7 @@ def blk_dev_change_media_cb(blk: BlockBackend, load: bool) -> None:
         was_open = blk_dev_is_tray_open(blk)
         blk.dev_ops.change_media_cb(load)
         is_open = blk_dev_is_tray_open(blk)
+        blk.update_c_state()
         if was_open != is_open:
             qapi_event_send(
                 "DEVICE_TRAY_MOVED",
@@ -402,6 +422,7 @@ def blk_enable_write_cache(blk: BlockBackend) -> bool:
 
 def blk_set_enable_write_cache(blk: BlockBackend, wce: bool) -> None:
     blk.enable_write_cache = wce
+    blk.c.wce = int(wce)
 
 
 def blk_get_stats(blk: BlockBackend) -> BlockAcctStats:

@@ -1,8 +1,11 @@
 """io_uring per AioContext (QEMU's block/io_uring.c): LuringState.
 
-One ring per AioContext, created lazily in that context's thread; its completion eventfd is an
-fd handler of the context.  Requests prepared during one loop iteration are submitted together
-by one bottom half (one ``io_uring_enter`` per batch).  Home thread of ``ctx`` only.
+One ring per AioContext, created lazily in that context's thread.  The ring is shared with the C
+request path (``struct pyvu_ring`` in ``vhost/_fastpath.c``): its completion eventfd is a C
+handler of the context's poller, which finishes C requests itself (their user_data is a
+pointer, so even) and keeps completions of Python requests (odd user_data) for
+``_python_work``.  Python requests prepared during one loop iteration are submitted together by
+one bottom half (one ``io_uring_enter`` per batch).  Home thread of ``ctx`` only.
 """
 
 from __future__ import annotations
@@ -26,21 +29,23 @@ class LuringState:
     def __init__(self, ctx: AioContext) -> None:
         self.ctx = ctx
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._ring = ffi.new("struct pyvu_uring *")
-        check_errno(lib.pyvu_uring_init(self._ring, RING_ENTRIES, self._efd), "io_uring_queue_init")
+        self.ring = ffi.new("struct pyvu_ring *")
+        check_errno(lib.pyvu_ring_init(self.ring, RING_ENTRIES, self._efd), "io_uring_queue_init")
+        self._ring = ffi.addressof(self.ring.u)
         self._pending: dict[int, tuple[Callable[[int], None], Any]] = {}
         self._ids = itertools.count(1)
         self._submit_scheduled = False
         self._ud = ffi.new("uint64_t[]", REAP_BATCH)
         self._res = ffi.new("int[]", REAP_BATCH)
-        ctx.set_fd_handler(self._efd, self._on_completion)
+        self.token = (1 << 63) | int(ffi.cast("uintptr_t", self.ring))
+        ctx.add_c_handler(self._efd, ffi.addressof(self.ring.h), self.token, self._on_completion)
 
     def submit(
         self, op: int, fd: int, iov: Any, niov: int, offset: int, cb: Callable[[int], None],
         keep: Any = None,
     ) -> None:
         """Queue one request; cb(res) runs in this context when it completes."""
-        uid = next(self._ids)
+        uid = 2 * next(self._ids) + 1  # odd: a Python request (C requests are pointers)
         ret = lib.pyvu_uring_prep(self._ring, op, fd, iov if iov is not None else ffi.NULL,
                                   niov, offset, uid)
         if ret < 0:
@@ -61,12 +66,9 @@ class LuringState:
                 cb(ret)
 
     def _on_completion(self) -> None:
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
+        """Completions of Python requests, collected by the C handler."""
         while True:
-            n = lib.pyvu_uring_reap(self._ring, self._ud, self._res, REAP_BATCH)
+            n = lib.pyvu_ring_take_py(self.ring, self._ud, self._res, REAP_BATCH)
             for i in range(n):
                 entry = self._pending.pop(self._ud[i], None)
                 if entry is not None:

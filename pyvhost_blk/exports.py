@@ -3,7 +3,9 @@
 Options (qemu-storage-daemon's vhost-user-blk export, plus ours marked *):
 ``type``, ``id``, ``node-name``, ``writable``, ``writethrough``, ``iothread`` (one id or a list),
 ``fixed-iothread``, ``addr`` (``unix`` + ``path``, or ``fd`` + ``str``), ``logical-block-size``,
-``num-queues``, ``share-rw``\\*, ``removable``\\*, ``rerror``\\*, ``werror``\\*, ``serial``\\*.
+``num-queues``, ``share-rw``\\*, ``removable``\\*, ``rerror``\\*, ``werror``\\*, ``serial``\\*,
+``fast-path``\\* (on: requests C can serve skip Python; off: every request goes through the
+Python handler, e.g. to compare or debug).
 Runs in the main thread.
 """
 
@@ -31,7 +33,7 @@ from virtio.blk_export import DEFAULT_SERIAL, VhostUserBlkExport
 EXPORT_KEYS = (
     "type", "id", "node-name", "writable", "writethrough", "iothread", "fixed-iothread",
     "addr", "logical-block-size", "num-queues", "share-rw", "removable", "rerror", "werror",
-    "serial",
+    "serial", "fast-path",
 )
 MAX_QUEUES = 64
 RERROR = ("report", "ignore", "stop")
@@ -96,6 +98,7 @@ def export_add(
         share_rw=_opt(v, "share-rw", to_bool, False, j),
         rerror=_policy(v, "rerror", RERROR, j),
         werror=_policy(v, "werror", WERROR, j),
+        fast_path=_opt(v, "fast-path", to_bool, True, j),
     )
     try:
         listener, path = listen_on(addr, j)

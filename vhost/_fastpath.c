@@ -195,14 +195,16 @@ static int pyvu_poller_del(struct pyvu_poller *p, int fd)
 
 /* ---- io_uring completions shared by C and Python requests ---- */
 
-/* A ring's completions for Python requests (user_data with the low bit set) wait here. */
-#define PYVU_PYCQE_MAX 1024
+/* A ring's completions for Python requests (user_data with the low bit set) wait here.  Each
+ * Python request has at most one operation in flight and belongs to a virtqueue element, so
+ * 64 queues of 1024 descriptors bound them. */
+#define PYVU_PYCQE_MAX 65536
 
 struct pyvu_ring {
     struct pyvu_uring u;
     struct pyvu_chandler h;
-    uint64_t py_ud[PYVU_PYCQE_MAX];
-    int py_res[PYVU_PYCQE_MAX];
+    uint64_t *py_ud;
+    int *py_res;
     int npy;
     int py_reported;
 };
@@ -673,6 +675,7 @@ static int pyvu_ring_take_py(struct pyvu_ring *ring, uint64_t *ud, int *res, int
     int n = ring->npy < max ? ring->npy : max;
     memcpy(ud, ring->py_ud, n * sizeof(ud[0]));
     memcpy(res, ring->py_res, n * sizeof(res[0]));
+    /* O(npy) shift; npy is normally tiny (Python takes everything each time). */
     memmove(ring->py_ud, ring->py_ud + n, (ring->npy - n) * sizeof(ud[0]));
     memmove(ring->py_res, ring->py_res + n, (ring->npy - n) * sizeof(res[0]));
     ring->npy -= n;
@@ -687,5 +690,12 @@ static int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd)
     memset(ring, 0, sizeof(*ring));
     ring->h.type = PYVU_H_URING;
     ring->h.obj = ring;
+    ring->py_ud = calloc(PYVU_PYCQE_MAX, sizeof(uint64_t));
+    ring->py_res = calloc(PYVU_PYCQE_MAX, sizeof(int));
+    if (!ring->py_ud || !ring->py_res) {
+        free(ring->py_ud);
+        free(ring->py_res);
+        return -ENOMEM;
+    }
     return pyvu_uring_init(&ring->u, entries, efd);
 }

@@ -47,12 +47,14 @@ from blocklayer.aio import (
     current_aio_context,
     qemu_get_aio_context,
 )
+from blocklayer.io_uring import luring_get
 from vhost.device import VuDevice
 from vhost.ffi import ffi, lib
 
 log = logging.getLogger("pyvhost_blk.vhost")
 
-ELEM_SIZE = ffi.sizeof("VuVirtqElement")
+TOKEN_C = 1 << 63  # poller tokens for C objects with work for Python (see _fastpath.c)
+TAKE_MAX = 64
 VHOST_USER_HDR_SIZE = 12
 VHOST_USER_MAX_CONFIG_SIZE = 256
 
@@ -79,44 +81,72 @@ _NO_QUIESCE = frozenset(
 
 
 class VuQueue:
-    """One virtqueue of a connection, served in ``ctx``.  Counters are per queue."""
+    """One virtqueue of a connection, served in ``ctx``.
+
+    The ring is driven from C (``struct pyvu_fastq`` in ``vhost/_fastpath.c``): the kick eventfd
+    is a C handler of the context's poller, which pops every request and serves in C those it
+    can.  The rest (and fast requests that failed) come back here through ``_python_work`` and
+    go to the device's Python handler.  Counters live in the C struct, shared by both paths.
+    """
 
     def __init__(self, conn: VuConnection, idx: int, ctx: AioContext) -> None:
         self.conn = conn
         self.idx = idx
         self.ctx = ctx
         self.vq = lib.pyvu_queue(conn.dev, idx)
+        self.cq = ffi.new("struct pyvu_fastq *")
+        lib.pyvu_fastq_init(self.cq, conn.pdev, idx, conn.device.blk_state())
+        self.cq.paused = 1
+        self.token = TOKEN_C | int(ffi.cast("uintptr_t", self.cq))
         self.kick_fd = -1  # our dup of libvhost-user's kick eventfd; touched in ctx only
         self.started = False
-        self.in_flight = 0  # popped, not yet pushed; changed in ctx only
-        self.requests = 0
-        self.kicks = 0
         self._done: list[tuple[Any, int]] = []
         self._flush_scheduled = False
         self._process_scheduled = False
+        self._elems = ffi.new("VuVirtqElement *[]", TAKE_MAX)
+        self._errs = ffi.new("int[]", TAKE_MAX)
+        self._types = ffi.new("int[]", TAKE_MAX)
+
+    @property
+    def in_flight(self) -> int:
+        """Popped and not yet pushed, whichever path serves them."""
+        return self.cq.in_flight
+
+    @property
+    def requests(self) -> int:
+        return self.cq.requests
+
+    @property
+    def kicks(self) -> int:
+        return self.cq.kicks
+
+    def update_paused(self) -> None:
+        """Tell C whether it may pop (any thread; pausers then take the dispatch lock
+        exclusively once, so that no pop loop is still running when they go on)."""
+        conn = self.conn
+        self.cq.paused = int(
+            not self.started or conn.quiescing or conn.closed or bool(conn.server.pause_count)
+        )
 
     # -- in self.ctx ----------------------------------------------------------------------------
     def _attach(self, fd: int) -> None:
         self._detach()
         self.kick_fd = fd
+        self.cq.kick_fd = fd
+        self.cq.ring = luring_get(self.ctx).ring
         self.started = True
-        self.ctx.set_fd_handler(fd, self._on_kick)
+        self.update_paused()
+        self.ctx.add_c_handler(fd, ffi.addressof(self.cq.h), self.token, self._python_work)
         self.process()
 
     def _detach(self) -> None:
+        self.started = False
+        self.update_paused()
         if self.kick_fd >= 0:
-            self.ctx.set_fd_handler(self.kick_fd, None)
+            self.ctx.remove_c_handler(self.kick_fd, self.token)
             os.close(self.kick_fd)
             self.kick_fd = -1
-        self.started = False
-
-    def _on_kick(self) -> None:
-        try:
-            os.eventfd_read(self.kick_fd)
-        except BlockingIOError:
-            pass
-        self.kicks += 1
-        self.process()
+            self.cq.kick_fd = -1
 
     def schedule_process(self) -> None:
         """Any thread: look at the ring again soon (after a quiesce, or a drain)."""
@@ -134,28 +164,27 @@ class VuQueue:
         self.process()
 
     def process(self) -> None:
-        """Pop every available request and hand each to the device.  In self.ctx."""
-        conn = self.conn
-        server = conn.server
-        if not self.started or conn.quiescing or conn.closed or server.pause_count:
+        """Pop and serve every available request.  In self.ctx."""
+        self.update_paused()
+        if self.cq.paused:
             return
-        pdev = conn.pdev
-        lib.pyvu_rdlock(pdev)
-        try:
-            # Re-check now that dispatch and pause(sync=True) cannot run.
-            if conn.quiescing or conn.closed or server.pause_count:
-                return
-            dev, vq, handle = conn.dev, self.vq, conn.device.handle_request
-            pop = lib.vu_queue_pop
-            while True:
-                p = pop(dev, vq, ELEM_SIZE)
-                if p == ffi.NULL:
-                    break
-                self.in_flight += 1
-                self.requests += 1
-                handle(self, ffi.cast("VuVirtqElement *", p))
-        finally:
-            lib.pyvu_unlock(pdev)
+        lib.pyvu_fastq_process(self.cq)
+        self._python_work()
+
+    def _python_work(self) -> None:
+        """Requests C left to Python: hand them to the device.  In self.ctx."""
+        cq, device = self.cq, self.conn.device
+        while True:
+            lib.pyvu_fastq_reported_done(cq)
+            n = lib.pyvu_fastq_take_slow(cq, self._elems, TAKE_MAX)
+            for i in range(n):
+                device.handle_request(self, self._elems[i])
+            m = lib.pyvu_fastq_take_failed(cq, self._elems, self._errs, self._types, TAKE_MAX)
+            for i in range(m):
+                device.handle_failed(self, self._elems[i], self._errs[i], self._types[i])
+            if n < TAKE_MAX and m < TAKE_MAX:
+                break
+            lib.pyvu_fastq_process(cq)  # the lists were full: C stopped popping early
 
     def complete(self, elem: Any, in_len: int) -> None:
         """The device is done with ``elem`` (in self.ctx): push it with the next batch."""
@@ -181,8 +210,8 @@ class VuQueue:
             lib.vu_queue_notify(dev, vq)
         finally:
             lib.pyvu_unlock(pdev)
-        self.in_flight -= len(done)
-        if self.in_flight == 0:
+        lib.pyvu_fastq_python_done(self.cq, len(done))
+        if self.cq.in_flight == 0:
             aio_wait_kick()
 
     def move_to(self, new_ctx: AioContext) -> None:
@@ -268,6 +297,7 @@ class VuConnection:
         need_quiesce = req not in _NO_QUIESCE
         if need_quiesce:
             self.quiescing = True
+            self._update_paused()
         lib.pyvu_wrlock(self.pdev)
         if need_quiesce and self.in_flight() > 0:
             lib.pyvu_unlock(self.pdev)
@@ -279,6 +309,7 @@ class VuConnection:
             lib.pyvu_unlock(self.pdev)
         if need_quiesce:
             self.quiescing = False
+            self._update_paused()
             self._reschedule_queues()
         if self.pdev.eof:
             self.close("frontend disconnected")
@@ -334,6 +365,7 @@ class VuConnection:
             return
         self._closing = True
         self.quiescing = True
+        self._update_paused()
         log.info("%s: %s", self.server.name, why)
         if self.in_flight() > 0:
             self._wait_for_quiesce(self._finish_close)
@@ -344,16 +376,35 @@ class VuConnection:
         if self.closed:
             return
         self.closed = True
+        self._update_paused()
         self.main_ctx.set_fd_handler(self.sock.fileno(), None)
-        for q in self.queues:
-            q.ctx.schedule(q._detach)
-        lib.pyvu_wrlock(self.pdev)
+        lib.pyvu_wrlock(self.pdev)  # no pop loop runs after this; none starts (paused)
         try:
             lib.vu_deinit(self.dev)  # closes the connection's fd too
         finally:
             lib.pyvu_unlock(self.pdev)
         self.sock.detach()
-        self.server._connection_closed(self)
+        # Each queue's context stops watching its kick fd; the lock is destroyed only after the
+        # last one did, since a kick may still wake a queue's C handler until then.
+        remaining = [len(self.queues)]
+
+        def detached() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self.server._connection_closed(self)
+
+        for q in self.queues:
+            def detach(q: VuQueue = q) -> None:
+                q._detach()
+                self.main_ctx.schedule(detached)
+
+            q.ctx.schedule(detach)
+        if not self.queues:
+            self.server._connection_closed(self)
+
+    def _update_paused(self) -> None:
+        for q in self.queues:
+            q.update_paused()
 
     def stats(self) -> list[dict[str, int]]:
         return [q.stats() for q in self.queues]
@@ -386,6 +437,8 @@ class VuServer:
         with self._pause_lock:
             self.pause_count += 1
         conn = self.conn
+        if conn is not None:
+            conn._update_paused()
         if sync and conn is not None and not conn.closed:
             lib.pyvu_wrlock(conn.pdev)
             lib.pyvu_unlock(conn.pdev)
@@ -398,6 +451,7 @@ class VuServer:
             self.pause_count -= 1
             last = self.pause_count == 0
         if last and self.conn is not None:
+            self.conn._update_paused()
             self.conn._reschedule_queues()
 
     def config_changed(self) -> None:
@@ -422,7 +476,7 @@ class VuServer:
         except OSError as e:
             log.warning("%s: accept failed: %s", self.name, e)
             return
-        if self.conn is not None:
+        if self.conn is not None and not self.conn.closed:
             log.warning("%s: refusing a second frontend while one is attached", self.name)
             sock.close()
             return
@@ -444,6 +498,7 @@ class VuServer:
             self.conn = None
         lib.pyvu_dev_destroy(conn.pdev)
         self.device.connection_changed(False)
+        aio_wait_kick()  # shutdown() may be waiting for this
 
     def in_flight(self) -> int:
         return self.conn.in_flight() if self.conn else 0
@@ -476,7 +531,7 @@ class VuServer:
             then()
             return
         conn.close("shutting down")
-        aio_wait_until(lambda: conn.closed, then)
+        aio_wait_until(lambda: self.conn is None, then)
 
 
 # -- listening sockets -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ the queue's AioContext.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -75,7 +76,7 @@ from virtio.blk_handler import (
     MAX_WRITE_ZEROES_SECTORS,
     VirtioBlkHandler,
 )
-from virtio.constants import VirtioFeature
+from virtio.constants import VirtioBlkType, VirtioFeature
 
 log = logging.getLogger("pyvhost_blk.export")
 
@@ -104,6 +105,7 @@ class VhostUserBlkExport:
         share_rw: bool = False,
         rerror: BlockdevOnError = BlockdevOnError.REPORT,
         werror: BlockdevOnError = BlockdevOnError.REPORT,
+        fast_path: bool = True,
     ) -> None:
         self.id = id
         self.num_queues = num_queues
@@ -129,6 +131,8 @@ class VhostUserBlkExport:
         blk_set_enable_write_cache(self.blk, not writethrough)
         blk_set_disable_request_queuing(self.blk, True)
         blk_set_allow_aio_context_change(self.blk, True)
+        self.blk.c.force_slow = int(not fast_path)
+        self.blk.c.lbs = logical_block_size
         self.tray_open = False
         self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable,
                                         on_stop=self._stop_on_error)
@@ -285,6 +289,28 @@ class VhostUserBlkExport:
         pass
 
     # -- per request (queue's AioContext) ---------------------------------------------------
+    def blk_state(self) -> Any:
+        """The C state the queues' request path reads (``struct pyvu_blkstate *``)."""
+        return self.blk.c
+
+    def handle_failed(self, queue: VuQueue, elem: Any, err: int, rtype: int) -> None:
+        """A request the C path served failed with ``err`` (-errno): apply the error policy
+        here, like any Python request.  In the queue's AioContext."""
+        if err == -errno.EAGAIN:  # a short read at the end of the image: let Python redo it
+            self.handle_request(queue, elem)
+            return
+        last = elem.in_sg[elem.in_num - 1]
+        in_len = 1
+        if rtype == VirtioBlkType.IN:
+            in_len = sum(elem.in_sg[i].iov_len for i in range(elem.in_num))
+
+        def done(status: int) -> None:
+            ffi.cast("uint8_t *", last.iov_base)[last.iov_len - 1] = status
+            queue.complete(elem, in_len)
+
+        self.handler.handle_error(err, rtype == VirtioBlkType.IN,
+                                  lambda: self.handle_request(queue, elem), done)
+
     def handle_request(self, queue: VuQueue, elem: Any) -> None:
         def done(status: int, in_len: int) -> None:
             if status == MALFORMED:

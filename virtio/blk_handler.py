@@ -117,8 +117,8 @@ class VirtioBlkHandler:
         #: called (in the request's context) with a retry callable when a policy says stop
         self.on_stop = on_stop
 
-    def _handle_error(self, ret: int, is_read: bool, retry: Callable[[], None],
-                      done: Callable[[int], None]) -> None:
+    def handle_error(self, ret: int, is_read: bool, retry: Callable[[], None],
+                     done: Callable[[int], None]) -> None:
         """virtio_blk_handle_rw_error: apply rerror/werror to a failed request."""
         error = -ret
         action = blk_get_error_action(self.blk, is_read, error)
@@ -188,7 +188,7 @@ class VirtioBlkHandler:
                 if ret >= 0:
                     done(S_OK, in_len)
                 else:
-                    self._handle_error(ret, not is_write, submit, lambda s: done(s, in_len))
+                    self.handle_error(ret, not is_write, submit, lambda s: done(s, in_len))
 
             submit()
         elif rtype == T_FLUSH:
@@ -199,7 +199,7 @@ class VirtioBlkHandler:
                 if ret >= 0:
                     done(S_OK, 1)
                 else:
-                    self._handle_error(ret, False, flush, lambda s: done(s, 1))
+                    self.handle_error(ret, False, flush, lambda s: done(s, 1))
 
             flush()
         elif rtype == T_DISCARD or rtype == T_WRITE_ZEROES:
@@ -253,7 +253,7 @@ class VirtioBlkHandler:
                 if ret >= 0:
                     done(S_OK, 1)
                 else:
-                    self._handle_error(ret, False, wz, lambda s: done(s, 1))
+                    self.handle_error(ret, False, wz, lambda s: done(s, 1))
 
             wz()
         else:

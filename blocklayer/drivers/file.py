@@ -18,6 +18,8 @@ from blocklayer.aio import AioContext
 from blocklayer.bdrv import (
     BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
+    DRV_FILE,
+    DRV_NONE,
     BlockDriver,
     BlockDriverError,
     Completion,
@@ -163,6 +165,11 @@ class FileDriver(BlockDriver):
                 cb(ret)
 
         thread_pool_submit_aio(ctx, lambda: _write_zeroes(fd, offset, nbytes, unmap), done)
+
+    def fast_path_info(self) -> tuple[int, int, bool, bool]:
+        if self.aio == "threads":
+            return (DRV_NONE, -1, False, False)  # the user chose the thread pool
+        return (DRV_FILE, self.fd, False, bool(self.no_flush))
 
     def set_perm(self, perm: int, shared: int) -> None:
         """Lock the image as QEMU's file-posix does (bytes 100+/200+); PermissionError with

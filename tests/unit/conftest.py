@@ -75,7 +75,7 @@ def _allowed_fds(ctx: AioContext) -> set[int]:
     from blocklayer import aio
 
     st = io_uring._states.get(ctx)
-    allowed = {st._efd} if st is not None else set()
+    allowed = {st.token} if st is not None else set()
     if aio._wait_efd >= 0:
         allowed.add(aio._wait_efd)
     return allowed
