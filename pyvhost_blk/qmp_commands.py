@@ -104,6 +104,7 @@ class BlockCommands:
         reg("x-blockdev-set-iothread", self.set_iothread, is_async=True)
         reg("cont", self.cont)
         reg("x-blockdev-drain", self.drain, is_async=True)
+        reg("x-block-export-set-fast-path", self.set_fast_path)
 
     # -- queries ---------------------------------------------------------------------------
     def query_block_exports(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -392,6 +393,16 @@ class BlockCommands:
             complete({})
 
         bdrv_drained(bs, drained)
+
+    def set_fast_path(self, args: dict[str, Any]) -> None:
+        """Extension: ``{"id": EXPORT, "enable": bool}`` — serve plain reads/writes/flushes in
+        C (the default) or send every request through the Python handler."""
+        _check(args, required=("id", "enable"))
+        eid = _typed(to_str, args, "id")
+        exp = self.d.exports.get(eid)
+        if exp is None:
+            raise QmpError("GenericError", f"Export '{eid}' is not found")
+        exp.set_fast_path(_typed(to_bool, args, "enable"))
 
     def drain(self, args: dict[str, Any], complete: Complete) -> None:
         """Extension: drain a node (stop its users, wait for their in-flight requests), hold

@@ -511,6 +511,8 @@ class VuServer:
             queues.append({
                 "queue": i,
                 "requests": self.queue_totals[i] + cur["requests"],
+                "in-flight": cur["in-flight"],
+                "kicks": cur["kicks"],
                 "iothread": self.device.queue_context(i).name,
             })
         return {"connections": self.connections, "connected": self.conn is not None,

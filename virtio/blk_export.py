@@ -337,6 +337,7 @@ class VhostUserBlkExport:
             "io-status": self.blk.iostatus.value,
             "stopped": self._stopped,
             "connected": bool(self.server and self.server.conn is not None),
+            "fast-path": not self.blk.c.force_slow,
         }
         if self.removable:
             d["removable"] = True
@@ -345,11 +346,17 @@ class VhostUserBlkExport:
 
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = {"id": self.id, "node-name": self.node_name,
-                             "malformed-requests": self.malformed}
+                             "malformed-requests": self.malformed,
+                             "fast-path": not self.blk.c.force_slow,
+                             "fast-path-requests": self.blk.c.fast_ops}
         if self.server is not None:
             s.update(self.server.stats())
         s["blockstats"] = blk_get_stats(self.blk).to_dict()
         return s
+
+    def set_fast_path(self, enable: bool) -> None:
+        """Main thread: let C serve what it can (True) or send every request to Python."""
+        self.blk.c.force_slow = int(not enable)
 
     def delete(self) -> None:
         blk_unref(self.blk)
