@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from benchmarks.build_client import build_client
@@ -46,7 +47,7 @@ NULL_BLOCKDEV = f"driver=null-co,node-name=disk0,size={DISK_SIZE}"
 # threads ~110K IOPS.
 QSD_FILE_OPTS = "aio=native,cache.direct=on"
 QSD_FILE_FALLBACK_OPTS = "aio=io_uring"
-OURS_FILE_OPTS = "aio=io_uring"
+OURS_FILE_OPTS = "aio=io_uring,cache.direct=on"
 
 SIDES = ("ours", "qsd")
 # A run during which other processes used more than this much CPU (percent of
@@ -60,14 +61,33 @@ class Case:
     rw: str
     iodepth: int
     queues: int
+    bs: int = 4096
+    #: extra options for *our* side only: "python" (fast-path=off: every request through the
+    #: Python handler) or "iothreads" (queues spread over one iothread each)
+    variant: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.backend}-{self.rw}-qd{self.iodepth}-{self.queues}q"
+        size = "" if self.bs == 4096 else f"-{self.bs // 1024}k"
+        var = f"-{self.variant}" if self.variant else ""
+        return f"{self.backend}-{self.rw}{size}-qd{self.iodepth}-{self.queues}q{var}"
 
     @property
     def label(self) -> str:
-        return f"{self.backend:<4} 4k {self.rw:<9} QD{self.iodepth:<2} {self.queues}q"
+        var = f" {self.variant}" if self.variant else ""
+        return (f"{self.backend:<4} {self.bs // 1024}k {self.rw:<9} QD{self.iodepth:<2} "
+                f"{self.queues}q{var}")
+
+    def ours_export_opts(self) -> tuple[list[str], str]:
+        """(extra daemon arguments, extra export options) for our side."""
+        if self.variant == "python":
+            return [], ",fast-path=off"
+        if self.variant == "iothreads":
+            objs = []
+            for i in range(self.queues):
+                objs += ["--object", f"iothread,id=io{i}"]
+            return objs, "".join(f",iothread.{i}=io{i}" for i in range(self.queues))
+        return [], ""
 
 
 def all_cases() -> list[Case]:
@@ -77,8 +97,13 @@ def all_cases() -> list[Case]:
             Case(backend, "randread", 1, 1),
             Case(backend, "randread", 32, 1),
             Case(backend, "randread", 32, 2),
+            Case(backend, "randread", 32, 2, variant="iothreads"),
             Case(backend, "randwrite", 32, 1),
+            Case(backend, "read", 16, 1, bs=65536),
+            Case(backend, "write", 16, 1, bs=65536),
         ]
+    # Every request through Python: compared with qsd on the same (null-co) case.
+    cases.append(Case("null", "randread", 32, 1, variant="python"))
     return cases
 
 
@@ -149,15 +174,17 @@ class Daemon:
     """One daemon process exporting disk0 over a vhost-user socket."""
 
     def __init__(self, cmd: list[str], blockdev: str, sock: pathlib.Path,
-                 queues: int, log: pathlib.Path):
+                 queues: int, log: pathlib.Path, extra_args: list[str] | None = None,
+                 export_opts: str = ""):
         self.sock = sock
         self.log = log
         self.argv = [
             *cmd,
+            *(extra_args or []),
             "--blockdev", blockdev,
             "--export",
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
-            f"addr.path={sock},writable=on,num-queues={queues}",
+            f"addr.path={sock},writable=on,num-queues={queues}{export_opts}",
         ]
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
@@ -192,6 +219,22 @@ class Daemon:
     def cpu_seconds(self) -> float | None:
         return _proc_cpu_seconds(self.proc.pid) if self.proc else None
 
+    def rss_mib(self) -> tuple[float, float] | None:
+        """(RSS without shared guest memory, shared memory) in MiB: the guest's RAM is a
+        shared memfd mapping, counted in RssShmem."""
+        if self.proc is None:
+            return None
+        try:
+            fields = {}
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    fields[k] = v.split()
+            anon_file = int(fields["RssAnon"][0]) + int(fields["RssFile"][0])
+            return anon_file / 1024, int(fields["RssShmem"][0]) / 1024
+        except (OSError, KeyError, ValueError, IndexError):
+            return None
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit status."""
         if self.proc is None:
@@ -223,7 +266,8 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
              workdir: pathlib.Path, runtime: float, client_poll: bool, rep: int) -> dict:
     sock = workdir / f"{side}.sock"
     log = workdir / f"{case.name}.{side}.{rep + 1}.log"
-    daemon = Daemon(cmd, blockdev, sock, case.queues, log)
+    extra_args, export_opts = case.ours_export_opts() if side == "ours" else ([], "")
+    daemon = Daemon(cmd, blockdev, sock, case.queues, log, extra_args, export_opts)
     result: dict = {"side": side, "case": case.name, "daemon_log": str(log)}
     try:
         daemon.start()
@@ -232,8 +276,14 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         raise
     try:
         argv = [str(client), "--socket", str(sock), "--mode", "bench", "--rw", case.rw,
-                "--bs", "4096", "--iodepth", str(case.iodepth), "--queues", str(case.queues),
-                "--runtime", f"{runtime:g}"]
+                "--bs", str(case.bs), "--iodepth", str(case.iodepth), "--queues",
+                str(case.queues), "--runtime", f"{runtime:g}"]
+        idle = daemon.rss_mib()
+        if idle is not None:
+            result["rss_idle_mib"] = round(idle[0], 1)
+        loaded: list = []
+        sampler = threading.Timer(runtime / 2 + 0.3, lambda: loaded.append(daemon.rss_mib()))
+        sampler.start()
         if client_poll:
             argv.append("--poll")
         cpu0 = daemon.cpu_seconds()
@@ -245,6 +295,10 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         except subprocess.TimeoutExpired as exc:
             raise BenchError(f"client did not finish within {runtime + 60:.0f} s") from exc
         wall = time.monotonic() - t0
+        sampler.cancel()
+        if loaded and loaded[0] is not None:
+            result["rss_load_mib"] = round(loaded[0][0], 1)
+            result["rss_shmem_mib"] = round(loaded[0][1], 1)
         cpu1 = daemon.cpu_seconds()
         sys1 = _system_busy_seconds()
         if proc.stderr.strip():
@@ -302,6 +356,11 @@ def summarize(runs: list[dict]) -> dict | None:
         "client_cpu_pct_mean": mean("client_cpu_pct"),
         "daemon_cpu_pct_mean": mean("daemon_cpu_pct"),
         "other_cpu_pct_max": max((r.get("other_cpu_pct", 0.0) for r in good), default=None),
+        "mib_s_median": med("mib_s"),
+        "rss_idle_mib_max": max((r["rss_idle_mib"] for r in good if "rss_idle_mib" in r),
+                                default=None),
+        "rss_load_mib_max": max((r["rss_load_mib"] for r in good if "rss_load_mib" in r),
+                                default=None),
     }
 
 
@@ -324,8 +383,9 @@ def _cpu_pair(o: dict | None, q: dict | None, key: str) -> str:
 
 
 def print_table(results: list[dict], out=sys.stdout) -> None:
-    header = (f"{'case':<29} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours/qsd':>8} "
-              f"{'ours lat':>9} {'qsd lat':>9} {'client CPU%':>12} {'daemon CPU%':>12}")
+    header = (f"{'case':<36} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours/qsd':>8} "
+              f"{'ours MiB/s':>10} {'ours lat':>9} {'qsd lat':>9} {'client CPU%':>12} "
+              f"{'daemon CPU%':>12} {'RSS MiB':>12}")
     print(header, file=out)
     print("-" * len(header), file=out)
     for res in results:
@@ -343,11 +403,15 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
             s = res.get(side)
             if res.get(f"{side}_attempted") and (s is None or s["runs_failed"]):
                 flag += f" !{side}"
-        print(f"{res['label']:<29} {_fmt_iops(oi):>10} {_fmt_iops(qi):>10} {ratio:>8} "
+        rss = (f"{_fmt(o and o['rss_idle_mib_max'], '.0f')}/"
+               f"{_fmt(o and o['rss_load_mib_max'], '.0f')}")
+        print(f"{res['label']:<36} {_fmt_iops(oi):>10} {_fmt_iops(qi):>10} {ratio:>8} "
+              f"{_fmt(o and o['mib_s_median'], '.0f'):>10} "
               f"{_fmt(o and o['lat_mean_us']):>9} {_fmt(q and q['lat_mean_us']):>9} "
-              f"{ccpu:>12} {dcpu:>12}{flag}", file=out)
+              f"{ccpu:>12} {dcpu:>12} {rss:>12}{flag}", file=out)
     print("IOPS: median of the runs; lat: mean completion latency in microseconds "
-          "(mean over runs);\nCPU%: ours/qsd, 100 = one core; !side: some runs of that side "
+          "(mean over runs);\nRSS MiB: ours idle/under load, without the shared guest-memory "
+          "mapping;\nCPU%: ours/qsd, 100 = one core; !side: some runs of that side "
           "failed (see JSON/logs);\nbusy(N%): other processes used up to N% of a core during a run "
           "of this case -- not trustworthy.", file=out)
 
