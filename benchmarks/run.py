@@ -40,6 +40,7 @@ GIB = 1 << 30
 DISK_SIZE = GIB
 # qsd 7.2 rejects size=1G for null-co ("Parameter 'size' expects integer").
 NULL_BLOCKDEV = f"driver=null-co,node-name=disk0,size={DISK_SIZE}"
+MEMORY_BLOCKDEV = "driver=x-memory,node-name=disk0,size=256M"  # ours only: a Python driver
 # Best-performing file settings for qsd 7.2 on tmpfs here: Linux AIO with
 # O_DIRECT (tmpfs supports O_DIRECT since Linux 6.6); falls back to io_uring
 # when the kernel refuses O_DIRECT on tmpfs.  Measured 4k randread QD32 on
@@ -75,7 +76,7 @@ class Case:
     @property
     def label(self) -> str:
         var = f" {self.variant}" if self.variant else ""
-        return (f"{self.backend:<4} {self.bs // 1024}k {self.rw:<9} QD{self.iodepth:<2} "
+        return (f"{self.backend:<6} {self.bs // 1024}k {self.rw:<9} QD{self.iodepth:<2} "
                 f"{self.queues}q{var}")
 
     def ours_export_opts(self) -> tuple[list[str], str]:
@@ -102,8 +103,11 @@ def all_cases() -> list[Case]:
             Case(backend, "read", 16, 1, bs=65536),
             Case(backend, "write", 16, 1, bs=65536),
         ]
-    # Every request through Python: compared with qsd on the same (null-co) case.
+    # Python code per request, compared with qsd's null-co: the general Python handler
+    # (fast-path=off), and a driver written in Python (x-memory, batched).
     cases.append(Case("null", "randread", 32, 1, variant="python"))
+    cases.append(Case("memory", "randread", 32, 1))
+    cases.append(Case("memory", "randwrite", 32, 1))
     return cases
 
 
@@ -556,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
                                              f"{file_opts[side]}")
         for side in SIDES:
             blockdevs[("null", side)] = NULL_BLOCKDEV
+        # A driver written in Python (data in a bytearray, one Python call per batch of
+        # requests) against qsd's null-co: the cost of running Python code per request.
+        blockdevs[("memory", "ours")] = MEMORY_BLOCKDEV
+        blockdevs[("memory", "qsd")] = NULL_BLOCKDEV
 
         total = len(cases) * args.pairs * len(sides)
         done = 0

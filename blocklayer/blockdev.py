@@ -12,6 +12,7 @@ from typing import Any
 
 # Importing the drivers registers them.
 import blocklayer.drivers.file  # noqa: F401
+import blocklayer.drivers.memory  # noqa: F401
 import blocklayer.drivers.null  # noqa: F401
 from blocklayer.bdrv import BlockDriverError, BlockDriverState, _drivers, _nodes
 from blocklayer.blockdev_options import enum_of

@@ -194,6 +194,7 @@ struct pyvu_fastq {
     uint64_t kicks;
     int nslow;
     int nfailed;
+    int nbatch;
     ...;
 };
 void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
@@ -203,6 +204,9 @@ int pyvu_fastq_take_slow(struct pyvu_fastq *q, VuVirtqElement **out, int max);
 int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, int *err, int *type,
                            int max);
 void pyvu_fastq_reported_done(struct pyvu_fastq *q);
+int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, uint64_t *offset,
+                          uint64_t *bytes, struct iovec **iov, unsigned *niov, int max);
+int pyvu_fastq_batch_done(struct pyvu_fastq *q, void **handles, int *ret, int n);
 void pyvu_fastq_python_done(struct pyvu_fastq *q, int n);
 
 extern "Python" uint64_t pyvu_cb_get_features(VuDev *);

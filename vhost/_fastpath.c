@@ -13,6 +13,9 @@
  * BlockBackend, the single source of truth for in-flight counts and accounting):
  *   - C ("fast") path: IN/OUT/FLUSH on a null-co node, or on a file node served by io_uring in
  *     this context, with no reason for Python to look (slow == 0, force_slow == 0);
+ *   - batched Python driver (DRV_PYBATCH): C parses and checks IN/OUT/FLUSH and queues them
+ *     on the queue's batch list; Python's driver serves the whole batch with plain values and
+ *     hands back statuses, and C accounts, completes and pushes them;
  *   - Python path: anything else (other request types, malformed requests, no medium, tray open,
  *     a stopped export, a forced slow path).  Such elements go to the queue's slow list and the
  *     poller reports the queue to Python, which runs the Python handler on them.
@@ -51,6 +54,7 @@
 #define DRV_NONE          0
 #define DRV_NULL          1
 #define DRV_FILE          2
+#define DRV_PYBATCH       3     /* a Python driver that takes parsed requests in batches */
 
 static int pyvu_wait_efd = -1;
 static int pyvu_waiters;        /* > 0 while Python waits for some counter to drop */
@@ -231,6 +235,8 @@ struct pyvu_fastq {
     int nfailed;
     struct pyvu_req *done[PYVU_QMAX];
     int ndone;
+    struct pyvu_req *batch[PYVU_QMAX];  /* DRV_PYBATCH requests waiting for Python */
+    int nbatch;
 };
 
 struct pyvu_req {
@@ -361,6 +367,8 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         pyvu_blk_in_flight_add(b, 1);
         if (b->driver == DRV_NULL || b->no_flush) {
             pyvu_fast_ok(r);
+        } else if (b->driver == DRV_PYBATCH) {
+            q->batch[q->nbatch++] = r;
         } else if (pyvu_ring_prep(q->ring, r, 2) < 0) {
             pyvu_fast_fail(r, -EIO);
         }
@@ -410,6 +418,10 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     r->offset = sector << 9;
     r->start_ns = pyvu_now_ns();
     pyvu_blk_in_flight_add(b, 1);
+    if (b->driver == DRV_PYBATCH) {
+        q->batch[q->nbatch++] = r;
+        return 1;
+    }
     if (b->driver == DRV_NULL) {
         if (!is_write && b->read_zeroes) {
             for (unsigned i = 0; i < r->niov; i++) {
@@ -438,7 +450,8 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
         return;
     }
     VuVirtq *vq = &dev->vq[q->qidx];
-    while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX) {
+    while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX &&
+           q->nbatch < PYVU_QMAX) {
         struct pyvu_req *r = vu_queue_pop(dev, vq, sizeof(struct pyvu_req));
         if (!r) {
             break;
@@ -458,7 +471,7 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
 
 static int pyvu_fastq_needs_python(struct pyvu_fastq *q)
 {
-    return q->nslow || q->nfailed;
+    return q->nslow || q->nfailed || q->nbatch;
 }
 
 /* A completion for a C request. */
@@ -657,6 +670,49 @@ static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, in
     memmove(q->failed, q->failed + n, (q->nfailed - n) * sizeof(q->failed[0]));
     q->nfailed -= n;
     return n;
+}
+
+/*
+ * Python takes up to max batched requests as plain values: type (0 read, 1 write, 4 flush),
+ * byte offset, length, and the data iovecs (the status byte is not part of them).
+ */
+static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type,
+                                 uint64_t *offset, uint64_t *bytes, struct iovec **iov,
+                                 unsigned *niov, int max)
+{
+    int n = q->nbatch < max ? q->nbatch : max;
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = q->batch[i];
+        handles[i] = r;
+        type[i] = r->type;
+        offset[i] = r->offset;
+        bytes[i] = r->bytes;
+        iov[i] = r->iov;
+        niov[i] = r->type == VBLK_T_FLUSH ? 0 : r->niov;
+    }
+    memmove(q->batch, q->batch + n, (q->nbatch - n) * sizeof(q->batch[0]));
+    q->nbatch -= n;
+    return n;
+}
+
+/*
+ * Python's driver finished a batch: ret[i] is 0 or -errno.  Successes are accounted and pushed
+ * here; failures go to the failed list (the error policy).  Returns how many failed.
+ */
+static int pyvu_fastq_batch_done(struct pyvu_fastq *q, void **handles, int *ret, int n)
+{
+    int nfailed = 0;
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = handles[i];
+        if (ret[i] < 0) {
+            pyvu_fast_fail(r, ret[i]);
+            nfailed++;
+        } else {
+            pyvu_fast_ok(r);
+        }
+    }
+    pyvu_fastq_flush(q);
+    return nfailed;
 }
 
 static void pyvu_fastq_reported_done(struct pyvu_fastq *q)

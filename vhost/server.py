@@ -106,6 +106,7 @@ class VuQueue:
         self._elems = ffi.new("VuVirtqElement *[]", TAKE_MAX)
         self._errs = ffi.new("int[]", TAKE_MAX)
         self._types = ffi.new("int[]", TAKE_MAX)
+        self._batch: Any = None
 
     @property
     def in_flight(self) -> int:
@@ -179,12 +180,33 @@ class VuQueue:
             n = lib.pyvu_fastq_take_slow(cq, self._elems, TAKE_MAX)
             for i in range(n):
                 device.handle_request(self, self._elems[i])
+            if cq.nbatch:
+                self._serve_batch()
             m = lib.pyvu_fastq_take_failed(cq, self._elems, self._errs, self._types, TAKE_MAX)
             for i in range(m):
                 device.handle_failed(self, self._elems[i], self._errs[i], self._types[i])
-            if n < TAKE_MAX and m < TAKE_MAX:
+            if n < TAKE_MAX and m < TAKE_MAX and not cq.nbatch:
                 break
             lib.pyvu_fastq_process(cq)  # the lists were full: C stopped popping early
+
+    def _serve_batch(self) -> None:
+        """Parsed requests for a batch-capable Python driver: one driver call per batch."""
+        cq, b = self.cq, self._batch
+        if b is None:
+            from blocklayer.drivers.memory import Batch
+
+            b = self._batch = Batch()
+        drv = self.conn.device.batch_driver()
+        while cq.nbatch:
+            b.n = lib.pyvu_fastq_take_batch(cq, b.handles, b.types, b.offsets, b.lengths,
+                                            b.iovs, b.niovs, b.MAX)
+            try:
+                drv.batch_io(b)
+            except Exception:
+                log.exception("driver %r failed a batch", drv)
+                for i in range(b.n):
+                    b.ret[i] = -errno.EIO
+            lib.pyvu_fastq_batch_done(cq, b.handles, b.ret, b.n)
 
     def complete(self, elem: Any, in_len: int) -> None:
         """The device is done with ``elem`` (in self.ctx): push it with the next batch."""

@@ -289,6 +289,10 @@ class VhostUserBlkExport:
         pass
 
     # -- per request (queue's AioContext) ---------------------------------------------------
+    def batch_driver(self) -> Any:
+        """The root node's driver (one with ``batch_io``), for batched Python requests."""
+        return self.blk.root.drv
+
     def blk_state(self) -> Any:
         """The C state the queues' request path reads (``struct pyvu_blkstate *``)."""
         return self.blk.c
