@@ -354,6 +354,7 @@ class VuConnection:
             lib.pyvu_unlock(self.pdev)
         self.sock.detach()
         self.server._connection_closed(self)
+        aio_wait_kick()  # shutdown() may be waiting for this
 
     def stats(self) -> list[dict[str, int]]:
         return [q.stats() for q in self.queues]
