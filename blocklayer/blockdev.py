@@ -44,7 +44,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def blockdev_add(tree: dict[str, Any], from_json: bool = False) -> BlockDriverState:
+def blockdev_add(tree: dict[str, Any], from_json: bool = False,
+                 internal: bool = False) -> BlockDriverState:
     """Open a node and register it under its node-name.  Main thread.
 
     Raises KeyvalError / BlockDriverError with the one line a user should see."""
@@ -65,7 +66,9 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False) -> BlockDriverSt
             raise KeyvalError(f"Parameter '{name}' is unexpected")
         opts[name] = conv(value, name, from_json=from_json)
     node_name = opts["node-name"]
-    if not _NODE_NAME.match(node_name):
+    # Internal nodes (blockdev-change-medium's) are named '#blockN', like QEMU's anonymous
+    # nodes: a name no user can give.
+    if not (internal and node_name.startswith("#")) and not _NODE_NAME.match(node_name):
         raise KeyvalError(f"Invalid node-name: '{node_name}'")
     if node_name in _nodes:
         raise BlockDriverError(f"Duplicate nodes with node-name='{node_name}'")

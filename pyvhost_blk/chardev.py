@@ -89,6 +89,7 @@ class MonitorSpec:
     chardev: str
     pretty: bool = False
     id: str | None = None
+    mode: str = "control"
     text: str = ""
 
 
@@ -157,7 +158,8 @@ def parse_chardev(text: str, p: ParsedOption) -> ChardevSpec:
 
 
 def parse_monitor(text: str, p: ParsedOption) -> MonitorSpec:
-    """Check one ``--monitor`` (keyval or JSON), with qsd's messages."""
+    """Check one ``--monitor`` (keyval or JSON), with qsd's messages.  ``mode=readline`` is
+    refused later (``Only QMP is supported``), after the chardev lookup, as in qsd."""
     v, j = p.values, p.from_json
     if "chardev" not in v:
         raise KeyvalError("Parameter 'chardev' is missing")
@@ -165,11 +167,9 @@ def parse_monitor(text: str, p: ParsedOption) -> MonitorSpec:
     if "id" in v:
         spec.id = to_str(v["id"], "id", from_json=j)
     if "mode" in v:
-        mode = to_str(v["mode"], "mode", from_json=j)
-        if mode == "readline":
-            raise KeyvalError("Only QMP is supported")
-        if mode != "control":
-            raise KeyvalError(f"Parameter 'mode' does not accept value '{mode}'")
+        spec.mode = to_str(v["mode"], "mode", from_json=j)
+        if spec.mode not in ("control", "readline"):
+            raise KeyvalError(f"Parameter 'mode' does not accept value '{spec.mode}'")
     if "pretty" in v:
         spec.pretty = to_bool(v["pretty"], "pretty", from_json=j)
     for key in v:
@@ -250,6 +250,8 @@ def create_monitors(
             cspec = specs.get(mspec.chardev)
             if cspec is None:
                 raise KeyvalError(f'chardev "{mspec.chardev}" not found')
+            if mspec.mode == "readline":
+                raise KeyvalError("Only QMP is supported")
             if mspec.chardev in used:
                 raise KeyvalError(f"Device '{mspec.chardev}' is in use")
         except KeyvalError as e:

@@ -197,11 +197,11 @@ class Daemon:
         iothreads: dict[str, int] = {t: 0 for t in self.iothreads}
         exports = {}
         for eid, exp in self.exports.items():
-            s = exp.stats()
-            exports[eid] = s
-            for q in s.get("queues", []):
-                if q["iothread"] in iothreads:
-                    iothreads[q["iothread"]] += q["requests"]
+            exports[eid] = exp.stats()
+            if exp.server is not None:
+                for name, n in exp.server.iothread_requests().items():
+                    if name in iothreads:
+                        iothreads[name] += n
         return {
             "pid": os.getpid(),
             "exports": exports,

@@ -295,11 +295,8 @@ def _decode_utf8(raw: bytes) -> str | Any:
         s = raw.decode("utf-8")
     except UnicodeDecodeError:
         return _BAD_UTF8
-    if not s.isascii():
-        for c in s:
-            cp = ord(c)
-            if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE:
-                return _BAD_UTF8
+    if not s.isascii() and any(_is_nonchar(ord(c)) for c in s):
+        return _BAD_UTF8
     return s
 
 
@@ -307,9 +304,23 @@ class _Parser(_JsonParser):
     """keyval's QEMU-compatible grammar, plus string tokens whose UTF-8 was invalid."""
 
     def value(self, tok: _Tok) -> Any:
-        if tok.kind == "str" and tok.value is _BAD_UTF8:
-            raise self.fail("invalid UTF-8 sequence in string")
+        if tok.kind == "str":
+            if tok.value is _BAD_UTF8:
+                raise self.fail("invalid UTF-8 sequence in string")
+            s = super().value(tok)
+            if not s.isascii() and any(_is_nonchar(ord(c)) for c in s):
+                for m in _ESCAPE_IN_RE.finditer(tok.text):
+                    if m.group(1) and _is_nonchar(int(m.group(1), 16)):
+                        raise self.fail(f"{m.group(0)} is not a valid Unicode character")
+            return s
         return super().value(tok)
+
+
+_ESCAPE_IN_RE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)")
+
+
+def _is_nonchar(cp: int) -> bool:
+    return 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE
 
 
 class JsonStreamer:
@@ -738,10 +749,6 @@ class QmpDispatcher:
     # -- built-in commands ---------------------------------------------------------------------
     @staticmethod
     def _qmp_capabilities(client: _Client, args: dict[str, Any]) -> None:
-        if client.negotiated:
-            raise QmpError(
-                "CommandNotFound", "Capabilities negotiation is already complete, command ignored"
-            )
         args_check(args, optional=("enable",))
         enable = args.get("enable", [])
         if not isinstance(enable, list):
@@ -751,6 +758,10 @@ class QmpDispatcher:
                 raise QmpError(f"Invalid parameter type for 'enable[{i}]', expected: string")
             if cap != "oob":
                 raise QmpError(f"Parameter 'null' does not accept value '{cap}'")  # sic, QEMU
+        if client.negotiated:  # QEMU checks the arguments first
+            raise QmpError(
+                "CommandNotFound", "Capabilities negotiation is already complete, command ignored"
+            )
         client.oob = "oob" in enable
         client.negotiated = True
 

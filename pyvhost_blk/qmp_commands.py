@@ -334,7 +334,8 @@ class BlockCommands:
                      "read-write": False}[ro_mode]
         try:
             bs = blockdev_add({"driver": "file", "node-name": f"#block{next(_anon)}",
-                               "filename": filename, "read-only": read_only}, from_json=True)
+                               "filename": filename, "read-only": read_only}, from_json=True,
+                              internal=True)
         except (KeyvalError, BlockDriverError) as e:
             raise QmpError("GenericError", str(e)) from None
 

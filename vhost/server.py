@@ -100,6 +100,7 @@ class VuQueue:
         self.token = TOKEN_C | int(ffi.cast("uintptr_t", self.cq))
         self.kick_fd = -1  # our dup of libvhost-user's kick eventfd; touched in ctx only
         self.started = False
+        self._credited = 0  # requests already credited to an iothread's total
         self._done: list[tuple[Any, int]] = []
         self._flush_scheduled = False
         self._process_scheduled = False
@@ -236,6 +237,12 @@ class VuQueue:
         if self.cq.in_flight == 0:
             aio_wait_kick()
 
+    def credit_ctx(self) -> tuple[str, int]:
+        """(context name, requests popped there since the last credit): lets the server keep
+        per-iothread totals right when a queue moves between iothreads."""
+        n, self._credited = self.requests - self._credited, self.requests
+        return self.ctx.name, n
+
     def move_to(self, new_ctx: AioContext) -> None:
         """Main thread, queue idle (drained): serve this queue from ``new_ctx`` from now on.
         The kick fd is detached in the old context first, then a fresh dup is attached in the
@@ -243,6 +250,7 @@ class VuQueue:
         old = self.ctx
         if old is new_ctx:
             return
+        self.conn.server.credit_iothread(*self.credit_ctx())
         started = self.started
 
         def detach_then_attach() -> None:
@@ -445,6 +453,7 @@ class VuServer:
         self.conn: VuConnection | None = None
         self.connections = 0
         self.queue_totals = [0] * self.num_queues
+        self.ctx_totals: dict[str, int] = {}  # requests per AioContext name, credited
         self.main_ctx = qemu_get_aio_context()
         self.pause_count = 0  # > 0: queues do not pop (drained, or stopped on an I/O error)
         self._pause_lock = threading.Lock()
@@ -513,9 +522,22 @@ class VuServer:
         log.info("%s: frontend connected", self.name)
         self.device.connection_changed(True)
 
+    def credit_iothread(self, name: str, requests: int) -> None:
+        self.ctx_totals[name] = self.ctx_totals.get(name, 0) + requests
+
+    def iothread_requests(self) -> dict[str, int]:
+        """Requests popped per AioContext (by name), whichever queue and connection."""
+        totals = dict(self.ctx_totals)
+        if self.conn is not None:
+            for q in self.conn.queues:
+                name = q.ctx.name
+                totals[name] = totals.get(name, 0) + q.requests - q._credited
+        return totals
+
     def _connection_closed(self, conn: VuConnection) -> None:
         for q in conn.queues:
             self.queue_totals[q.idx] += q.requests
+            self.credit_iothread(*q.credit_ctx())
         if self.conn is conn:
             self.conn = None
         lib.pyvu_dev_destroy(conn.pdev)
