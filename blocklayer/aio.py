@@ -33,6 +33,8 @@ from vhost.ffi import check_errno, ffi, lib
 
 _tls = threading.local()
 _MAX_TOKENS = 128
+#: adaptive polling window before sleeping, as qemu-storage-daemon's iothreads (poll-max-ns)
+DEFAULT_POLL_MAX_NS = 32768
 log = logging.getLogger("pyvhost_blk.aio")
 
 
@@ -49,6 +51,7 @@ class AioContext:
         self.name = name
         self._poller = ffi.new("struct pyvu_poller *")
         check_errno(lib.pyvu_poller_init(self._poller), "epoll_create1")
+        self._poller.poll_ns = DEFAULT_POLL_MAX_NS
         self._tokens = ffi.new("uint64_t[]", _MAX_TOKENS)
         self._handlers: dict[int, Callable[[], None]] = {}
         self._bh: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
@@ -181,6 +184,15 @@ class AioContext:
             self.stopped = True
 
         self.schedule(_stop)
+
+    def set_poll_max_ns(self, ns: int) -> None:
+        """How long to keep polling for events before sleeping (0: never poll)."""
+        self._poller.poll_ns = ns
+
+    @property
+    def poll_stats(self) -> dict[str, int]:
+        return {"poll-max-ns": self._poller.poll_ns, "polls": self._poller.polls,
+                "poll-hits": self._poller.poll_hits}
 
     def in_home_thread(self) -> bool:
         return self.home_thread is None or self.home_thread == threading.get_ident()

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import threading
 
-from blocklayer.aio import AioContext
+from blocklayer.aio import DEFAULT_POLL_MAX_NS, AioContext
 
 
 class IOThread:
     """``--object iothread,id=ID[,poll-max-ns=N,...]``: one thread, one AioContext."""
 
-    def __init__(self, id: str, poll_max_ns: int = 0) -> None:
+    def __init__(self, id: str, poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         self.id = id
         self.poll_max_ns = poll_max_ns
         self.ctx = AioContext(id)
+        self.ctx.set_poll_max_ns(poll_max_ns)
         self._thread = threading.Thread(target=self.ctx.run, name=f"iothread-{id}", daemon=True)
 
     def start(self) -> None:

@@ -21,7 +21,7 @@ import os
 import signal
 from typing import Any
 
-from blocklayer.aio import qemu_get_aio_context
+from blocklayer.aio import DEFAULT_POLL_MAX_NS, qemu_get_aio_context
 from blocklayer.bdrv import BlockDriverError, bdrv_nodes
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import set_event_emitter
@@ -102,7 +102,8 @@ class Daemon:
             raise KeyvalError(
                 f"attempt to add duplicate property '{oid}' to object (type 'container')"
             )
-        poll = to_int(v["poll-max-ns"], "poll-max-ns", from_json=j) if "poll-max-ns" in v else 0
+        poll = (to_int(v["poll-max-ns"], "poll-max-ns", from_json=j) if "poll-max-ns" in v
+                else DEFAULT_POLL_MAX_NS)
         t = IOThread(oid, poll)
         t.start()
         self.iothreads[oid] = t

@@ -172,7 +172,7 @@ void pyvu_set_wait_efd(int fd);
 void pyvu_set_waiters(int n);
 
 struct pyvu_chandler { int type; void *obj; };
-struct pyvu_poller { int epfd; };
+struct pyvu_poller { int epfd; uint64_t poll_ns; uint64_t polls, poll_hits; ...; };
 int pyvu_poller_init(struct pyvu_poller *p);
 void pyvu_poller_close(struct pyvu_poller *p);
 int pyvu_poller_add_py(struct pyvu_poller *p, int fd);
