@@ -111,11 +111,22 @@ def test_drain_stops_fast_path_pops_and_waits(tmp_path: Path) -> None:
         qmp = QEMUMonitorProtocol(str(tmp_path / "qmp.sock"))
         qmp.connect()
         drained = threading.Thread(target=lambda: result.setdefault("drain", qmp.cmd_raw(
-            "x-blockdev-drain", {"node-name": "disk0", "hold-ms": 1200})))
+            "x-blockdev-drain", {"node-name": "disk0", "hold-ms": 2500})))
         drained.start()
-        time.sleep(0.4)  # inside the drained section
+
+        def popped() -> list[int]:
+            return [q["requests"] for q in d.stats()["exports"]["exp0"]["queues"]]
+
+        # Wait until the drained section has begun (the counters stop moving)...
+        prev, deadline = popped(), time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            cur = popped()
+            if cur == prev:
+                break
+            prev = cur
         s1 = d.stats()["exports"]["exp0"]
-        time.sleep(0.5)
+        time.sleep(0.5)  # ... and check that they stay still inside it
         s2 = d.stats()["exports"]["exp0"]
         drained.join(10)
         assert result["drain"] == {"return": {}}
