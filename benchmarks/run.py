@@ -48,7 +48,7 @@ MEMORY_BLOCKDEV = "driver=x-memory,node-name=disk0,size=256M"  # ours only: a Py
 # threads ~110K IOPS.
 QSD_FILE_OPTS = "aio=native,cache.direct=on"
 QSD_FILE_FALLBACK_OPTS = "aio=io_uring"
-OURS_FILE_OPTS = "aio=io_uring,cache.direct=on"
+OURS_FILE_OPTS = "aio=native,cache.direct=on"
 
 SIDES = ("ours", "qsd")
 # A run during which other processes used more than this much CPU (percent of

@@ -24,9 +24,10 @@ from blocklayer.iov import IOVector
 
 Completion = Callable[[int], None]
 
-# What the C request path can serve (_fastpath.c): nothing, null-co, a file through io_uring, or
-# a Python driver that takes parsed requests in batches (``batch_io``).
-DRV_NONE, DRV_NULL, DRV_FILE, DRV_PYBATCH = 0, 1, 2, 3
+# What the C request path can serve (_fastpath.c): nothing, null-co, a file through io_uring, a
+# Python driver that takes parsed requests in batches (``batch_io``), or a file through Linux AIO
+# (aio=native).
+DRV_NONE, DRV_NULL, DRV_FILE, DRV_PYBATCH, DRV_FILE_LAIO = 0, 1, 2, 3, 4
 
 BDRV_REQ_MAY_UNMAP = 0x4  # write_zeroes may deallocate instead of writing
 BDRV_REQ_FUA = 0x10  # QEMU's flag value: write must be on stable storage before completing

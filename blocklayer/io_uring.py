@@ -82,6 +82,21 @@ class LuringState:
 
 
 _states: weakref.WeakKeyDictionary[AioContext, LuringState] = weakref.WeakKeyDictionary()
+_laio: weakref.WeakKeyDictionary[AioContext, Any] = weakref.WeakKeyDictionary()
+
+
+def laio_get(ctx: AioContext) -> Any:
+    """The context's Linux AIO context (``struct pyvu_laio *``) for aio=native on the C path,
+    created on first use; its completion eventfd is a C handler.  Home thread of ctx only."""
+    st = _laio.get(ctx)
+    if st is None:
+        st = ffi.new("struct pyvu_laio *")
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        check_errno(lib.pyvu_laio_init(st, efd), "io_setup")
+        token = (1 << 63) | int(ffi.cast("uintptr_t", st))
+        ctx.add_c_handler(efd, ffi.addressof(st.h), token, lambda: None)
+        _laio[ctx] = st
+    return st
 
 
 def luring_get(ctx: AioContext) -> LuringState:

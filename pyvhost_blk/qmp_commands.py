@@ -49,8 +49,15 @@ from blocklayer.block_backend import (
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import qapi_event_send
 from pyvhost_blk.exports import export_add
-from pyvhost_blk.keyval import KeyvalError, to_bool, to_int, to_str
-from pyvhost_blk.qmp import QmpDispatcher, QmpError
+from pyvhost_blk.keyval import KeyvalError
+from pyvhost_blk.qmp import (
+    QmpDispatcher,
+    QmpError,
+    arg_bool,
+    arg_int,
+    arg_str,
+    args_check,
+)
 from vhost.server import SocketInUse
 
 if TYPE_CHECKING:
@@ -58,26 +65,6 @@ if TYPE_CHECKING:
 
 Complete = Callable[[Any], None]
 _anon = itertools.count()
-
-
-def _check(args: dict[str, Any], required: tuple[str, ...] = (),
-           optional: tuple[str, ...] = ()) -> None:
-    for k in required:
-        if k not in args:
-            raise QmpError("GenericError", f"Parameter '{k}' is missing")
-    for k in args:
-        if k not in required and k not in optional:
-            raise QmpError("GenericError", f"Parameter '{k}' is unexpected")
-
-
-def _typed(conv: Callable[..., Any], args: dict[str, Any], key: str, *a: Any,
-           default: Any = None) -> Any:
-    if key not in args:
-        return default
-    try:
-        return conv(args[key], key, *a, from_json=True)
-    except KeyvalError as e:
-        raise QmpError("GenericError", str(e)) from None
 
 
 class BlockCommands:
@@ -108,16 +95,16 @@ class BlockCommands:
 
     # -- queries ---------------------------------------------------------------------------
     def query_block_exports(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        _check(args)
+        args_check(args)
         return [e.info() for e in self.d.exports.values()]
 
     def query_named_block_nodes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        _check(args, optional=("flat",))
+        args_check(args, optional=("flat",))
         return [bs.to_dict() for bs in bdrv_nodes() if not bs.node_name.startswith("#")]
 
     def query_blockstats(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        _check(args, optional=("query-nodes",))
-        if _typed(to_bool, args, "query-nodes", default=False):
+        args_check(args, optional=("query-nodes",))
+        if arg_bool(args, "query-nodes", default=False):
             out = []
             for bs in bdrv_nodes():
                 blks = [p for p in bs.parents if isinstance(p, BlockBackend)]
@@ -136,7 +123,7 @@ class BlockCommands:
         return out
 
     def query_iothreads(self, args: dict[str, Any]) -> list[dict[str, Any]]:
-        _check(args)
+        args_check(args)
         return [
             {"id": t.id, "thread-id": t.native_id, "poll-max-ns": t.poll_max_ns,
              "poll-grow": 0, "poll-shrink": 0, "aio-max-batch": 0}
@@ -151,8 +138,8 @@ class BlockCommands:
             raise QmpError("GenericError", str(e)) from None
 
     def blockdev_del(self, args: dict[str, Any]) -> None:
-        _check(args, required=("node-name",))
-        name = _typed(to_str, args, "node-name")
+        args_check(args, required=("node-name",))
+        name = arg_str(args, "node-name")
         bs = bdrv_find_node(name)
         if bs is None:
             raise QmpError("GenericError", f"Failed to find node with node-name='{name}'")
@@ -169,9 +156,9 @@ class BlockCommands:
         self.d.exports[exp.id] = exp
 
     def block_export_del(self, args: dict[str, Any]) -> None:
-        _check(args, required=("id",), optional=("mode",))
-        eid = _typed(to_str, args, "id")
-        mode = _typed(to_str, args, "mode", default="safe")
+        args_check(args, required=("id",), optional=("mode",))
+        eid = arg_str(args, "id")
+        mode = arg_str(args, "mode", default="safe")
         if mode not in ("safe", "hard"):
             raise QmpError("GenericError", f"Parameter 'mode' does not accept value '{mode}'")
         exp = self.d.exports.get(eid)
@@ -197,7 +184,7 @@ class BlockCommands:
         dev, qid = args.get("device"), args.get("id")
         if (dev is None) == (qid is None):
             raise QmpError("GenericError", "Need exactly one of 'device' and 'id'")
-        name = _typed(to_str, args, "device" if dev is not None else "id")
+        name = arg_str(args, "device" if dev is not None else "id")
         exp = self.d.exports.get(name)
         if exp is None:
             raise QmpError("DeviceNotFound", f"Device '{name}' not found")
@@ -205,14 +192,14 @@ class BlockCommands:
 
     # -- resize ---------------------------------------------------------------------------------
     def block_resize(self, args: dict[str, Any], complete: Complete) -> None:
-        _check(args, required=("size",), optional=("device", "node-name"))
-        size = _typed(to_int, args, "size", "int64")
+        args_check(args, required=("size",), optional=("device", "node-name"))
+        size = arg_int(args, "size", "int64")
         dev, node = args.get("device"), args.get("node-name")
         bs = None
         if node is not None:
-            bs = bdrv_find_node(_typed(to_str, args, "node-name"))
+            bs = bdrv_find_node(arg_str(args, "node-name"))
         if bs is None and dev is not None:
-            exp = self.d.exports.get(_typed(to_str, args, "device"))
+            exp = self.d.exports.get(arg_str(args, "device"))
             bs = exp.blk.root if exp is not None else None
         if bs is None:
             raise QmpError("GenericError",
@@ -241,9 +228,9 @@ class BlockCommands:
 
     # -- tray and medium -------------------------------------------------------------------------
     def open_tray(self, args: dict[str, Any], complete: Complete) -> None:
-        _check(args, optional=("device", "id", "force"))
+        args_check(args, optional=("device", "id", "force"))
         exp, name = self._export_by_id(args)
-        force = _typed(to_bool, args, "force", default=False)
+        force = arg_bool(args, "force", default=False)
         blk = exp.blk
         if not blk_dev_has_removable_media(blk):
             raise QmpError("GenericError", f"Device '{name}' is not removable")
@@ -260,7 +247,7 @@ class BlockCommands:
         complete({})
 
     def close_tray(self, args: dict[str, Any]) -> None:
-        _check(args, optional=("device", "id"))
+        args_check(args, optional=("device", "id"))
         exp, name = self._export_by_id(args)
         blk = exp.blk
         if not blk_dev_has_removable_media(blk):
@@ -273,7 +260,7 @@ class BlockCommands:
             raise QmpError("GenericError", str(e)) from None
 
     def remove_medium(self, args: dict[str, Any], complete: Complete) -> None:
-        _check(args, required=("id",))
+        args_check(args, required=("id",))
         exp, name = self._export_by_id(args)
         blk = exp.blk
         if not blk_dev_has_removable_media(blk):
@@ -293,9 +280,9 @@ class BlockCommands:
         blk_drain(blk, drained)
 
     def insert_medium(self, args: dict[str, Any]) -> None:
-        _check(args, required=("id", "node-name"))
+        args_check(args, required=("id", "node-name"))
         exp, name = self._export_by_id(args)
-        node = _typed(to_str, args, "node-name")
+        node = arg_str(args, "node-name")
         bs = bdrv_find_node(node)
         if bs is None:
             raise QmpError("GenericError", f"Node '{node}' not found")
@@ -319,14 +306,14 @@ class BlockCommands:
             blk_dev_change_media_cb(blk, True)
 
     def change_medium(self, args: dict[str, Any], complete: Complete) -> None:
-        _check(args, required=("filename",),
+        args_check(args, required=("filename",),
                optional=("device", "id", "format", "read-only-mode", "force"))
         exp, name = self._export_by_id(args)
-        filename = _typed(to_str, args, "filename")
-        fmt = _typed(to_str, args, "format", default="raw")
+        filename = arg_str(args, "filename")
+        fmt = arg_str(args, "format", default="raw")
         if fmt not in ("raw", "file"):
             raise QmpError("GenericError", f"Unknown driver '{fmt}' (pyvhost-blk has raw files)")
-        ro_mode = _typed(to_str, args, "read-only-mode", default="retain")
+        ro_mode = arg_str(args, "read-only-mode", default="retain")
         if ro_mode not in ("retain", "read-only", "read-write"):
             raise QmpError("GenericError",
                            f"Parameter 'read-only-mode' does not accept value '{ro_mode}'")
@@ -354,7 +341,7 @@ class BlockCommands:
             self.remove_medium({"id": name}, _chain(after_remove, complete, bs))
 
         try:
-            self.open_tray({"id": name, "force": _typed(to_bool, args, "force", default=False)},
+            self.open_tray({"id": name, "force": arg_bool(args, "force", default=False)},
                            _chain(after_open, complete, bs))
         except QmpError:
             bdrv_unref(bs)
@@ -362,12 +349,12 @@ class BlockCommands:
 
     # -- iothreads ---------------------------------------------------------------------------
     def set_iothread(self, args: dict[str, Any], complete: Complete) -> None:
-        _check(args, required=("node-name", "iothread"), optional=("force",))
-        name = _typed(to_str, args, "node-name")
+        args_check(args, required=("node-name", "iothread"), optional=("force",))
+        name = arg_str(args, "node-name")
         bs = bdrv_find_node(name)
         if bs is None:
             raise QmpError("GenericError", f"Failed to find node with node-name='{name}'")
-        force = _typed(to_bool, args, "force", default=False)
+        force = arg_bool(args, "force", default=False)
         if bs.parents and not force:
             raise QmpError("GenericError",
                            f"Node {name} is associated with a BlockBackend and could not be "
@@ -376,7 +363,7 @@ class BlockCommands:
         if target is None:
             ctx = qemu_get_aio_context()
         else:
-            tid = _typed(to_str, args, "iothread")
+            tid = arg_str(args, "iothread")
             t = self.d.iothreads.get(tid)
             if t is None:
                 raise QmpError("GenericError", f"Cannot find iothread {tid}")
@@ -398,23 +385,23 @@ class BlockCommands:
     def set_fast_path(self, args: dict[str, Any]) -> None:
         """Extension: ``{"id": EXPORT, "enable": bool}`` — serve plain reads/writes/flushes in
         C (the default) or send every request through the Python handler."""
-        _check(args, required=("id", "enable"))
-        eid = _typed(to_str, args, "id")
+        args_check(args, required=("id", "enable"))
+        eid = arg_str(args, "id")
         exp = self.d.exports.get(eid)
         if exp is None:
             raise QmpError("GenericError", f"Export '{eid}' is not found")
-        exp.set_fast_path(_typed(to_bool, args, "enable"))
+        exp.set_fast_path(arg_bool(args, "enable"))
 
     def drain(self, args: dict[str, Any], complete: Complete) -> None:
         """Extension: drain a node (stop its users, wait for their in-flight requests), hold
         the drained section for ``hold-ms`` milliseconds, end it, then answer.  For tests
         and maintenance."""
-        _check(args, required=("node-name",), optional=("hold-ms",))
-        name = _typed(to_str, args, "node-name")
+        args_check(args, required=("node-name",), optional=("hold-ms",))
+        name = arg_str(args, "node-name")
         bs = bdrv_find_node(name)
         if bs is None:
             raise QmpError("GenericError", f"Failed to find node with node-name='{name}'")
-        hold = _typed(to_int, args, "hold-ms", "uint32", default=0)
+        hold = arg_int(args, "hold-ms", "uint32", default=0)
 
         def drained() -> None:
             def end() -> None:
@@ -430,7 +417,7 @@ class BlockCommands:
 
     # -- run state ---------------------------------------------------------------------------
     def cont(self, args: dict[str, Any]) -> None:
-        _check(args)
+        args_check(args)
         for e in self.d.exports.values():
             blk_iostatus_reset(e.blk)
             e.resume_after_error()

@@ -184,8 +184,12 @@ struct pyvu_ring { struct pyvu_uring u; struct pyvu_chandler h; int npy; ...; };
 int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd);
 int pyvu_ring_take_py(struct pyvu_ring *ring, uint64_t *ud, int *res, int max);
 
+struct pyvu_laio { int efd; struct pyvu_chandler h; ...; };
+int pyvu_laio_init(struct pyvu_laio *l, int efd);
+
 struct pyvu_fastq {
     struct pyvu_ring *ring;
+    struct pyvu_laio *laio;
     struct pyvu_chandler h;
     int kick_fd;
     int paused;

@@ -34,11 +34,14 @@
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <linux/aio_abi.h>
 #include <time.h>
 
 #define PYVU_TOKEN_C      (1ULL << 63)
 #define PYVU_H_KICK       1
 #define PYVU_H_URING      2
+#define PYVU_H_LAIO       3
 #define PYVU_QMAX         1024
 #define PYVU_NKINDS       4     /* read, write, flush, unmap: as BlockAcctType */
 #define PYVU_NBINS        7
@@ -55,6 +58,7 @@
 #define DRV_NULL          1
 #define DRV_FILE          2
 #define DRV_PYBATCH       3     /* a Python driver that takes parsed requests in batches */
+#define DRV_FILE_LAIO     4     /* a file served with Linux AIO (aio=native, O_DIRECT) */
 
 static int pyvu_wait_efd = -1;
 static int pyvu_waiters;        /* > 0 while Python waits for some counter to drop */
@@ -247,6 +251,31 @@ struct pyvu_ring {
     int py_reported;
 };
 
+/* ---- Linux AIO (aio=native), one context per AioContext ---- */
+
+#define PYVU_LAIO_EVENTS 4096
+#define PYVU_LAIO_BATCH  256
+
+struct pyvu_laio {
+    aio_context_t ctx;
+    int efd;
+    struct pyvu_chandler h;
+    struct iocb *pending[PYVU_LAIO_BATCH];
+    int npending;
+};
+
+static int pyvu_laio_init(struct pyvu_laio *l, int efd)
+{
+    memset(l, 0, sizeof(*l));
+    l->efd = efd;
+    l->h.type = PYVU_H_LAIO;
+    l->h.obj = l;
+    if (syscall(SYS_io_setup, PYVU_LAIO_EVENTS, &l->ctx) < 0) {
+        return -errno;
+    }
+    return 0;
+}
+
 /* ---- queues ---- */
 
 struct pyvu_req;
@@ -256,6 +285,7 @@ struct pyvu_fastq {
     int qidx;
     struct pyvu_blkstate *blk;
     struct pyvu_ring *ring;         /* this context's ring, if the file driver uses io_uring */
+    struct pyvu_laio *laio;         /* this context's Linux AIO context */
     struct pyvu_chandler h;
     int kick_fd;
     int paused;
@@ -287,6 +317,7 @@ struct pyvu_req {
     uint64_t start_ns;
     struct iovec *iov;
     unsigned niov;
+    struct iocb cb;                 /* DRV_FILE_LAIO */
 };
 
 static int64_t pyvu_q_in_flight_add(struct pyvu_fastq *q, int64_t n)
@@ -357,6 +388,45 @@ static void pyvu_fast_ok(struct pyvu_req *r)
     pyvu_req_complete(r, VBLK_S_OK);
 }
 
+static void pyvu_laio_submit(struct pyvu_laio *l)
+{
+    int done = 0;
+    while (done < l->npending) {
+        long n = syscall(SYS_io_submit, l->ctx, (long)(l->npending - done), l->pending + done);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            /* Not accepted: hand the rest to Python (-EAGAIN: redo on the Python path). */
+            for (int i = done; i < l->npending; i++) {
+                struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)l->pending[i]->aio_data;
+                pyvu_fast_fail(r, -EAGAIN);
+            }
+            break;
+        }
+        done += n;
+    }
+    l->npending = 0;
+}
+
+static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write)
+{
+    struct iocb *cb = &r->cb;
+    memset(cb, 0, sizeof(*cb));
+    cb->aio_data = (uint64_t)(uintptr_t)r;
+    cb->aio_lio_opcode = is_write ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
+    cb->aio_fildes = r->q->blk->fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)r->iov;
+    cb->aio_nbytes = r->niov;
+    cb->aio_offset = r->offset;
+    cb->aio_flags = IOCB_FLAG_RESFD;
+    cb->aio_resfd = l->efd;
+    if (l->npending == PYVU_LAIO_BATCH) {
+        pyvu_laio_submit(l);
+    }
+    l->pending[l->npending++] = cb;
+}
+
 /*
  * Try to serve a popped request in C.  Returns 0 if Python must handle it (nothing changed),
  * 1 if it was taken (completed, failed, or submitted).
@@ -373,7 +443,8 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     if (__atomic_load_n(&b->slow, __ATOMIC_ACQUIRE) || b->force_slow) {
         return 0;
     }
-    if (b->driver == DRV_NONE || (b->driver == DRV_FILE && !q->ring)) {
+    if (b->driver == DRV_NONE || (b->driver == DRV_FILE && !q->ring) ||
+        (b->driver == DRV_FILE_LAIO && (!q->laio || !q->ring))) {
         return 0;
     }
     if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < 16) {
@@ -466,7 +537,9 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         return 1;
     }
     r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
-    if (pyvu_ring_prep(q->ring, r, is_write ? 1 : 0) < 0) {
+    if (b->driver == DRV_FILE_LAIO) {
+        pyvu_laio_prep(q->laio, r, is_write);
+    } else if (pyvu_ring_prep(q->ring, r, is_write ? 1 : 0) < 0) {
         pyvu_fast_fail(r, -EIO);
     }
     return 1;
@@ -495,6 +568,9 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
         if (!pyvu_fast_start(q, r)) {
             q->slow[q->nslow++] = &r->elem;
         }
+    }
+    if (q->laio && q->laio->npending) {
+        pyvu_laio_submit(q->laio);
     }
     if (q->ring && q->ring->u.pending) {
         pyvu_uring_submit(&q->ring->u);
@@ -604,12 +680,42 @@ static void pyvu_handle_c(struct pyvu_chandler *h, uint64_t *out, int *nout, int
         q->kicks++;
         pyvu_fastq_process(q);
         pyvu_report_queue(q, out, nout, max);
+    } else if (h->type == PYVU_H_LAIO) {
+        struct pyvu_laio *l = h->obj;
+        struct io_event events[64];
+        struct pyvu_fastq *touched[64];
+        int ntouched = 0;
+        struct timespec zero = { 0, 0 };
+        long n;
+        eventfd_read(l->efd, &v);
+        do {
+            n = syscall(SYS_io_getevents, l->ctx, 0L, 64L, events, &zero);
+            for (long i = 0; i < n; i++) {
+                struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)events[i].data;
+                struct pyvu_fastq *q = r->q;
+                pyvu_fast_cqe(r, (int)events[i].res);
+                int seen = 0;
+                for (int j = 0; j < ntouched; j++) {
+                    seen |= touched[j] == q;
+                }
+                if (!seen && ntouched < 64) {
+                    touched[ntouched++] = q;
+                }
+            }
+        } while (n == 64);
+        for (int i = 0; i < ntouched; i++) {
+            if (touched[i]->ring && touched[i]->ring->u.pending) {
+                pyvu_uring_submit(&touched[i]->ring->u);   /* FUA fsyncs */
+            }
+            pyvu_fastq_flush(touched[i]);
+            pyvu_report_queue(touched[i], out, nout, max);
+        }
     } else if (h->type == PYVU_H_URING) {
         struct pyvu_ring *ring = h->obj;
-        struct pyvu_fastq *touched[16];
+        struct pyvu_fastq *touched[64];
         int ntouched = 0;
         eventfd_read(ring->u.efd, &v);
-        pyvu_ring_reap(ring, touched, &ntouched, 16);
+        pyvu_ring_reap(ring, touched, &ntouched, 64);
         for (int i = 0; i < ntouched; i++) {
             pyvu_fastq_flush(touched[i]);
             pyvu_report_queue(touched[i], out, nout, max);

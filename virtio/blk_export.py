@@ -76,7 +76,7 @@ from virtio.blk_handler import (
     MAX_WRITE_ZEROES_SECTORS,
     VirtioBlkHandler,
 )
-from virtio.constants import VirtioBlkType, VirtioFeature
+from virtio.constants import VhostUserProtocolFeature, VirtioBlkType, VirtioFeature
 
 log = logging.getLogger("pyvhost_blk.export")
 
@@ -252,7 +252,11 @@ class VhostUserBlkExport:
         self.features = features
 
     def get_protocol_features(self) -> int:
-        return 0  # CONFIG and MQ are added by libvhost-user
+        # CONFIG and MQ are added by libvhost-user.  INFLIGHT_SHMFD: the frontend keeps a shared
+        # record of popped-but-not-pushed descriptors (libvhost-user updates it in
+        # vu_queue_pop/vu_queue_push, which both request paths use per element), so requests in
+        # flight when the daemon dies are resubmitted after it restarts and QEMU reconnects.
+        return int(VhostUserProtocolFeature.INFLIGHT_SHMFD)
 
     def config(self) -> VirtioBlkConfig:
         sectors = blk_nb_sectors(self.blk) if blk_is_available(self.blk) else 0

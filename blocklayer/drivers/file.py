@@ -1,8 +1,9 @@
 """file: a raw image in a host file (QEMU's block/file-posix.c, first slice).
 
 Options: ``filename`` (required), ``cache.direct`` (O_DIRECT), ``cache.no-flush``,
-``aio=threads|io_uring|native`` (native needs ``cache.direct=on`` and is served by io_uring
-here, since Python has no Linux AIO binding), ``read-only`` (from --blockdev).
+``aio=threads|io_uring|native`` (native needs ``cache.direct=on``, as in QEMU: Linux AIO for
+reads and writes on the C request path; requests that need Python use io_uring),
+``read-only`` (from --blockdev).
 
 Short reads at the end of the file are zero-filled, as file-posix does for raw images whose
 size is not a multiple of the sector size.
@@ -19,6 +20,7 @@ from blocklayer.bdrv import (
     BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
     DRV_FILE,
+    DRV_FILE_LAIO,
     DRV_NONE,
     BlockDriver,
     BlockDriverError,
@@ -169,7 +171,8 @@ class FileDriver(BlockDriver):
     def fast_path_info(self) -> tuple[int, int, bool, bool]:
         if self.aio == "threads":
             return (DRV_NONE, -1, False, False)  # the user chose the thread pool
-        return (DRV_FILE, self.fd, False, bool(self.no_flush))
+        kind = DRV_FILE_LAIO if self.aio == "native" else DRV_FILE
+        return (kind, self.fd, False, bool(self.no_flush))
 
     def set_perm(self, perm: int, shared: int) -> None:
         """Lock the image as QEMU's file-posix does (bytes 100+/200+); PermissionError with

@@ -9,13 +9,10 @@ same running daemon and passes the same verify; SIGTERM then stops the daemon cl
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import pytest
-
 from tests.daemon import DaemonProcess
-from tests.e2e.guest import INSTALL_HINT, Guest, GuestError, build_guest, qemu_binary
+from tests.e2e.guest import Guest
 
 IMAGE_SIZE = 256 << 20
 PATTERN_OFFSET = 100 << 20
@@ -24,18 +21,6 @@ FIO_VERIFY = (
     "fio --name=v --filename=/dev/vda --rw=randwrite --bs=4k --size=64M --iodepth=16 "
     "--ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1"
 )
-
-
-@pytest.fixture(scope="module")
-def guest_image():
-    for tool in ("qemu-img",):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found; {INSTALL_HINT}", pytrace=False)
-    try:
-        qemu_binary()
-        return build_guest()
-    except GuestError as exc:
-        pytest.fail(str(exc), pytrace=False)
 
 
 def run_fio_verify(g: Guest) -> None:

@@ -30,6 +30,8 @@ def _args(tmp_path: Path, backend: str, fast: bool, queues: int = 1) -> list[str
         with open(img, "wb") as f:
             f.truncate(IMG_SIZE)
         bd = f"driver=file,node-name=disk0,filename={img},aio={backend}"
+        if backend == "native":
+            bd += ",cache.direct=on"
     exp = (f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
            f"addr.path={tmp_path / 'vhost.sock'},writable=on,num-queues={queues},"
            f"fast-path={'on' if fast else 'off'}")
@@ -40,7 +42,7 @@ def _args(tmp_path: Path, backend: str, fast: bool, queues: int = 1) -> list[str
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "python"])
-@pytest.mark.parametrize("backend", ["io_uring", "threads", "memory"])
+@pytest.mark.parametrize("backend", ["io_uring", "native", "threads", "memory"])
 @pytest.mark.parametrize("queues", [1, 2])
 def test_verify_on_each_path(tmp_path: Path, backend: str, fast: bool, queues: int) -> None:
     sock = str(tmp_path / "vhost.sock")
@@ -56,7 +58,7 @@ def test_verify_on_each_path(tmp_path: Path, backend: str, fast: bool, queues: i
         assert bs["invalid_rd_operations"] == 1
         # aio=threads is the thread pool: always Python; io_uring: C unless turned off;
         # x-memory: batches parsed in C, served by the Python driver (counted as fast path).
-        if fast and backend in ("io_uring", "memory"):
+        if fast and backend in ("io_uring", "native", "memory"):
             assert e["fast-path-requests"] >= 3000
         else:
             assert e["fast-path-requests"] == 0
