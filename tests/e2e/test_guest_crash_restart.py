@@ -18,7 +18,7 @@ from tests.e2e.guest import Guest
 FIO = (
     "fio --name=v --filename=/dev/vda --rw=randwrite --bs=4k --size=48M --numjobs=2 "
     "--offset_increment=48M --iodepth=16 --ioengine=libaio --direct=1 --verify=crc32c "
-    "--do_verify=1 --verify_fatal=1 --group_reporting"
+    "--do_verify=1 --verify_fatal=1 --group_reporting --loops=8"
 )
 
 
