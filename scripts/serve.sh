@@ -8,6 +8,7 @@ bash scripts/setup.sh
 IMAGE=${IMAGE:-$PWD/pyvhost-blk-disk.img}
 SOCK=${SOCK:-/tmp/pyvhost-blk.sock}
 QUEUES=${QUEUES:-1}
+CACHE=${PYVHOST_BLK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pyvhost-blk}
 if [ ! -e "$IMAGE" ]; then
     qemu-img create -f raw "$IMAGE" 1G >/dev/null
     echo "created $IMAGE (1 GiB raw)"
@@ -23,6 +24,16 @@ Serving $IMAGE on $SOCK ($QUEUES queue(s)).  Attach it with:
     ... your usual -kernel/-drive/-cdrom options ...
 
 (The guest sees it as /dev/vda when it is the only virtio disk.  Ctrl-C here stops serving.)
+
+A complete command with the project's small test guest (build it once with
+qemu-configs/build-guest.sh; its shell is on this terminal, 'poweroff -f' leaves):
+
+  qemu-system-x86_64 -accel kvm -accel tcg -m 1G -smp 2 -nographic -no-reboot \
+    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
+    -kernel $CACHE/guest/vmlinuz -initrd $CACHE/guest/initramfs.cpio.gz \
+    -append console=ttyS0 \
+    -chardev socket,id=c0,path=$SOCK \
+    -device vhost-user-blk-pci,chardev=c0,num-queues=$QUEUES
 
 EOT
 exec pyvhost-blk \
