@@ -26,7 +26,8 @@ Serving $IMAGE on $SOCK ($QUEUES queue(s)).  Attach it with:
 (The guest sees it as /dev/vda when it is the only virtio disk.  Ctrl-C here stops serving.)
 
 A complete command with the project's small test guest (build it once with
-qemu-configs/build-guest.sh; its shell is on this terminal, 'poweroff -f' leaves):
+qemu-configs/build-guest.sh; its shell is on this terminal, 'poweroff -f' leaves; under nested
+virtualization where KVM guests hang at boot, use -accel tcg alone):
 
   qemu-system-x86_64 -accel kvm -accel tcg -m 1G -smp 2 -nographic -no-reboot \
     -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \
