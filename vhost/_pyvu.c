@@ -91,6 +91,168 @@ static int pyvu_read_full(int fd, void *buf, size_t len)
     return 0;
 }
 
+/*
+ * Check one message before libvhost-user sees it: a known request we serve, the payload size
+ * its handler reads, queue indices below max_queues, sizes it would trust (ring size, region
+ * count, config and inflight sizes), and exactly the fds it takes.  Returns NULL if the message
+ * is fine, else why not (the connection is then closed).
+ */
+#define PYVU_RING_MAX 1024      /* VIRTQUEUE_MAX_SIZE */
+
+static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
+{
+    size_t sz = m->size;
+    int nfd = m->fd_num;
+    unsigned idx;
+
+    if ((m->flags & VHOST_USER_VERSION_MASK) != 1) {
+        return "unsupported protocol version";
+    }
+    switch (m->request) {
+    case VHOST_USER_NONE:
+        return NULL;                              /* process_msg turns it into a disconnect */
+    case VHOST_USER_GET_FEATURES:
+    case VHOST_USER_GET_PROTOCOL_FEATURES:
+    case VHOST_USER_SET_OWNER:
+    case VHOST_USER_RESET_OWNER:
+    case VHOST_USER_GET_QUEUE_NUM:
+    case VHOST_USER_GET_MAX_MEM_SLOTS:
+        return nfd ? "unexpected file descriptors" : NULL;
+    case VHOST_USER_SET_FEATURES:
+    case VHOST_USER_SET_PROTOCOL_FEATURES:
+        if (sz < sizeof(m->payload.u64)) {
+            return "payload too short";
+        }
+        return nfd ? "unexpected file descriptors" : NULL;
+    case VHOST_USER_SET_VRING_NUM:
+    case VHOST_USER_SET_VRING_BASE:
+    case VHOST_USER_GET_VRING_BASE:
+    case VHOST_USER_SET_VRING_ENABLE:
+    case VHOST_USER_VRING_KICK:
+        if (sz < sizeof(m->payload.state)) {
+            return "payload too short";
+        }
+        if (m->payload.state.index >= dev->max_queues) {
+            return "queue index out of range";
+        }
+        if (m->request == VHOST_USER_SET_VRING_NUM &&
+            (m->payload.state.num == 0 || m->payload.state.num > PYVU_RING_MAX ||
+             (m->payload.state.num & (m->payload.state.num - 1)))) {
+            return "ring size must be a power of 2 up to 1024";
+        }
+        if (m->request == VHOST_USER_SET_VRING_BASE && m->payload.state.num > 0xffff) {
+            return "ring base out of range";
+        }
+        return nfd ? "unexpected file descriptors" : NULL;
+    case VHOST_USER_SET_VRING_ADDR:
+        if (sz < sizeof(m->payload.addr)) {
+            return "payload too short";
+        }
+        if (m->payload.addr.index >= dev->max_queues) {
+            return "queue index out of range";
+        }
+        return nfd ? "unexpected file descriptors" : NULL;
+    case VHOST_USER_SET_VRING_KICK:
+    case VHOST_USER_SET_VRING_CALL:
+    case VHOST_USER_SET_VRING_ERR:
+        if (sz < sizeof(m->payload.u64)) {
+            return "payload too short";
+        }
+        idx = m->payload.u64 & VHOST_USER_VRING_IDX_MASK;
+        if (idx >= dev->max_queues) {
+            return "queue index out of range";
+        }
+        if (m->payload.u64 & VHOST_USER_VRING_NOFD_MASK) {
+            return nfd ? "unexpected file descriptors" : NULL;
+        }
+        return nfd == 1 ? NULL : "expected one file descriptor";
+    case VHOST_USER_SET_MEM_TABLE:
+        if (sz < offsetof(VhostUserMemory, regions)) {
+            return "payload too short";
+        }
+        if (m->payload.memory.nregions > VHOST_MEMORY_BASELINE_NREGIONS) {
+            return "too many memory regions";
+        }
+        if (sz < offsetof(VhostUserMemory, regions) +
+                 m->payload.memory.nregions * sizeof(VhostUserMemoryRegion)) {
+            return "payload shorter than its regions";
+        }
+        if ((unsigned)nfd != m->payload.memory.nregions) {
+            return "one file descriptor per memory region expected";
+        }
+        for (unsigned i = 0; i < m->payload.memory.nregions; i++) {
+            VhostUserMemoryRegion *r = &m->payload.memory.regions[i];
+            if (!r->memory_size || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
+                r->userspace_addr + r->memory_size < r->userspace_addr ||
+                r->mmap_offset + r->memory_size < r->mmap_offset) {
+                return "memory region wraps around";
+            }
+        }
+        return NULL;
+    case VHOST_USER_ADD_MEM_REG:
+    case VHOST_USER_REM_MEM_REG:
+        if (sz < sizeof(m->payload.memreg)) {
+            return "payload too short";
+        }
+        if (m->request == VHOST_USER_ADD_MEM_REG) {
+            VhostUserMemoryRegion *r = &m->payload.memreg.region;
+            if (!r->memory_size || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
+                r->userspace_addr + r->memory_size < r->userspace_addr ||
+                r->mmap_offset + r->memory_size < r->mmap_offset) {
+                return "memory region wraps around";
+            }
+            return nfd == 1 ? NULL : "expected one file descriptor";
+        }
+        return nfd <= 1 ? NULL : "too many file descriptors";
+    case VHOST_USER_SET_LOG_BASE:
+        if (sz < sizeof(m->payload.log)) {
+            return "payload too short";
+        }
+        return nfd == 1 ? NULL : "expected one file descriptor";
+    case VHOST_USER_SET_LOG_FD:
+    case VHOST_USER_SET_BACKEND_REQ_FD:
+        return nfd == 1 ? NULL : "expected one file descriptor";
+    case VHOST_USER_GET_CONFIG:
+    case VHOST_USER_SET_CONFIG:
+        if (sz < VHOST_USER_CONFIG_HDR_SIZE) {
+            return "payload too short";
+        }
+        if (m->payload.config.size > VHOST_USER_MAX_CONFIG_SIZE ||
+            m->payload.config.offset > VHOST_USER_MAX_CONFIG_SIZE - m->payload.config.size) {
+            return "config access out of range";
+        }
+        if (m->request == VHOST_USER_SET_CONFIG &&
+            sz < VHOST_USER_CONFIG_HDR_SIZE + m->payload.config.size) {
+            return "payload shorter than the config data";
+        }
+        return nfd ? "unexpected file descriptors" : NULL;
+    case VHOST_USER_GET_INFLIGHT_FD:
+    case VHOST_USER_SET_INFLIGHT_FD:
+        if (sz < sizeof(m->payload.inflight)) {
+            return "payload too short";
+        }
+        if (m->payload.inflight.num_queues == 0 ||
+            m->payload.inflight.num_queues > dev->max_queues ||
+            m->payload.inflight.queue_size == 0 ||
+            m->payload.inflight.queue_size > PYVU_RING_MAX) {
+            return "inflight queue count or size out of range";
+        }
+        if (m->request == VHOST_USER_SET_INFLIGHT_FD) {
+            /* One region per queue: a 16-byte header and 16 bytes per descriptor. */
+            uint64_t per_queue = 16 + 16ull * m->payload.inflight.queue_size;
+            if (m->payload.inflight.mmap_size <
+                    per_queue * m->payload.inflight.num_queues ||
+                m->payload.inflight.mmap_size > (64ull << 20)) {
+                return "inflight region size does not match its queues";
+            }
+            return nfd == 1 ? NULL : "expected one file descriptor";
+        }
+        return nfd ? "unexpected file descriptors" : NULL;
+    default:
+        return "unsupported request";
+    }
+}
+
 /* Our read_msg: never exit(), never assert; refuse malformed framing. */
 static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
 {
@@ -155,6 +317,14 @@ static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
         snprintf(d->why, sizeof(d->why), "short payload (request %d, size %u)",
                  vmsg->request, vmsg->size);
         goto fail;
+    }
+    {
+        const char *why = pyvu_validate_msg(dev, vmsg);
+        if (why) {
+            d->bad_msg = 1;
+            snprintf(d->why, sizeof(d->why), "request %d: %s", vmsg->request, why);
+            goto fail;
+        }
     }
     return true;
 
