@@ -5,7 +5,8 @@ Options (qemu-storage-daemon's vhost-user-blk export, plus ours marked *):
 ``fixed-iothread``, ``addr`` (``unix`` + ``path``, or ``fd`` + ``str``), ``logical-block-size``,
 ``num-queues``, ``share-rw``\\*, ``removable``\\*, ``rerror``\\*, ``werror``\\*, ``serial``\\*,
 ``fast-path``\\* (on: requests C can serve skip Python; off: every request goes through the
-Python handler, e.g. to compare or debug).
+Python handler, e.g. to compare or debug), ``socket-mode``\\* (the UNIX socket's permissions,
+octal, default 0600: only the daemon's user may connect).
 Runs in the main thread.
 """
 
@@ -33,7 +34,7 @@ from virtio.blk_export import DEFAULT_SERIAL, VhostUserBlkExport
 EXPORT_KEYS = (
     "type", "id", "node-name", "writable", "writethrough", "iothread", "fixed-iothread",
     "addr", "logical-block-size", "num-queues", "share-rw", "removable", "rerror", "werror",
-    "serial", "fast-path",
+    "serial", "fast-path", "socket-mode",
 )
 MAX_QUEUES = 64
 RERROR = ("report", "ignore", "stop")
@@ -100,8 +101,17 @@ def export_add(
         werror=_policy(v, "werror", WERROR, j),
         fast_path=_opt(v, "fast-path", to_bool, True, j),
     )
+    mode_text = _opt(v, "socket-mode", to_str, "0600", j)
     try:
-        listener, path = listen_on(addr, j)
+        mode = int(mode_text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        exp.delete()
+        raise KeyvalError(f"Parameter 'socket-mode' expects an octal mode such as 0660, "
+                          f"not '{mode_text}'")
+    try:
+        listener, path = listen_on(addr, j, mode)
     except BaseException:
         exp.delete()
         raise
@@ -109,13 +119,14 @@ def export_add(
     return exp
 
 
-def listen_on(addr: dict[str, Any], j: bool) -> tuple[socket.socket, str | None]:
+def listen_on(addr: dict[str, Any], j: bool,
+              mode: int = 0o600) -> tuple[socket.socket, str | None]:
     """A listening socket for a QAPI SocketAddress (unix or an inherited fd)."""
     atype = to_str(require(addr, "type", "addr"), "addr.type", from_json=j)
     if atype == "unix":
         check_keys(addr, ("type", "path", "abstract", "tight"), "addr")
         path = to_str(require(addr, "path", "addr"), "addr.path", from_json=j)
-        return listen_unix(path), path
+        return listen_unix(path, mode), path
     if atype == "fd":
         check_keys(addr, ("type", "str"), "addr")
         s = to_str(require(addr, "str", "addr"), "addr.str", from_json=j)

@@ -271,3 +271,13 @@ def test_json_options_and_two_exports_in_one_process(tmp_path: Path, image: Path
         assert s["exports"]["e2"]["queues"][0]["iothread"] == "main"
         assert s["exports"]["e2"]["blockstats"]["wr_operations"] == 300
         assert d.terminate() == 0
+
+
+@pytest.mark.parametrize("mode", [None, "0660"])
+def test_socket_mode(tmp_path: Path, image: Path, mode: str | None) -> None:
+    """The socket is created 0600 (only the daemon's user may connect); socket-mode widens it."""
+    sock = tmp_path / "vhost.sock"
+    extra = f",socket-mode={mode}" if mode else ""
+    with DaemonProcess(export_args(sock, image, extra=extra), tmp_path) as d:
+        assert os.stat(sock).st_mode & 0o777 == (int(mode, 8) if mode else 0o600)
+        assert d.terminate() == 0
