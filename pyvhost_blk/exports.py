@@ -34,7 +34,7 @@ from virtio.blk_export import DEFAULT_SERIAL, VhostUserBlkExport
 EXPORT_KEYS = (
     "type", "id", "node-name", "writable", "writethrough", "iothread", "fixed-iothread",
     "addr", "logical-block-size", "num-queues", "share-rw", "removable", "rerror", "werror",
-    "serial", "fast-path", "socket-mode",
+    "serial", "fast-path", "socket-mode", "x-inflight",
 )
 MAX_QUEUES = 64
 RERROR = ("report", "ignore", "stop")
@@ -100,6 +100,7 @@ def export_add(
         rerror=_policy(v, "rerror", RERROR, j),
         werror=_policy(v, "werror", WERROR, j),
         fast_path=_opt(v, "fast-path", to_bool, True, j),
+        inflight=_opt(v, "x-inflight", to_bool, True, j),  # test-only: off = no crash safety
     )
     mode_text = _opt(v, "socket-mode", to_str, "0600", j)
     try:

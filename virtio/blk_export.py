@@ -106,6 +106,7 @@ class VhostUserBlkExport:
         rerror: BlockdevOnError = BlockdevOnError.REPORT,
         werror: BlockdevOnError = BlockdevOnError.REPORT,
         fast_path: bool = True,
+        inflight: bool = True,
     ) -> None:
         self.id = id
         self.num_queues = num_queues
@@ -133,6 +134,7 @@ class VhostUserBlkExport:
         blk_set_allow_aio_context_change(self.blk, True)
         self.blk.c.force_slow = int(not fast_path)
         self.blk.c.lbs = logical_block_size
+        self.inflight = inflight
         self.tray_open = False
         self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable,
                                         on_stop=self._stop_on_error)
@@ -256,7 +258,7 @@ class VhostUserBlkExport:
         # record of popped-but-not-pushed descriptors (libvhost-user updates it in
         # vu_queue_pop/vu_queue_push, which both request paths use per element), so requests in
         # flight when the daemon dies are resubmitted after it restarts and QEMU reconnects.
-        return int(VhostUserProtocolFeature.INFLIGHT_SHMFD)
+        return int(VhostUserProtocolFeature.INFLIGHT_SHMFD) if self.inflight else 0
 
     def config(self) -> VirtioBlkConfig:
         sectors = blk_nb_sectors(self.blk) if blk_is_available(self.blk) else 0
