@@ -19,6 +19,7 @@
 #include <unistd.h>
 #include <stddef.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <liburing.h>
 #include "libvhost-user.h"
 
@@ -324,6 +325,21 @@ static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
             d->bad_msg = 1;
             snprintf(d->why, sizeof(d->why), "request %d: %s", vmsg->request, why);
             goto fail;
+        }
+    }
+    if (vmsg->request == VHOST_USER_GET_INFLIGHT_FD && dev->inflight_info.addr) {
+        /*
+         * libvhost-user allocates a new inflight region here and overwrites the old one's
+         * fd and mapping without releasing them: every device reset leaked a memfd.  The old
+         * region is being replaced (the rings are stopped), so release it first.
+         */
+        munmap(dev->inflight_info.addr, dev->inflight_info.size);
+        close(dev->inflight_info.fd);
+        dev->inflight_info.addr = NULL;
+        dev->inflight_info.fd = -1;
+        dev->inflight_info.size = 0;
+        for (int i = 0; i < dev->max_queues; i++) {
+            dev->vq[i].inflight = NULL;
         }
     }
     return true;
