@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <liburing.h>
 #include "libvhost-user.h"
 
@@ -99,6 +100,50 @@ static int pyvu_read_full(int fd, void *buf, size_t len)
  * is fine, else why not (the connection is then closed).
  */
 #define PYVU_RING_MAX 1024      /* VIRTQUEUE_MAX_SIZE */
+#define PYVU_ADDR_LIMIT (1ull << 56)   /* no real guest has memory above this */
+
+/* The fd really holds [offset, offset + size): else touching it would raise SIGBUS. */
+static int pyvu_fd_covers(int fd, uint64_t offset, uint64_t size)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        return 0;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        return 1;   /* e.g. a device: its size is not in st_size */
+    }
+    return offset + size >= offset && (uint64_t)st.st_size >= offset + size;
+}
+
+static const char *pyvu_check_region(VhostUserMemoryRegion *r, int fd)
+{
+    if (!r->memory_size || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
+        r->guest_phys_addr + r->memory_size > PYVU_ADDR_LIMIT ||
+        r->userspace_addr + r->memory_size < r->userspace_addr ||
+        r->mmap_offset + r->memory_size < r->mmap_offset) {
+        return "memory region out of range";
+    }
+    if (!pyvu_fd_covers(fd, r->mmap_offset, r->memory_size)) {
+        return "memory region larger than its file";
+    }
+    return NULL;
+}
+
+/* The protocol features libvhost-user offers, plus the device's own. */
+static uint64_t pyvu_offered_protocol_features(VuDev *dev)
+{
+    uint64_t f = 1ULL << VHOST_USER_PROTOCOL_F_MQ | 1ULL << VHOST_USER_PROTOCOL_F_LOG_SHMFD |
+                 1ULL << VHOST_USER_PROTOCOL_F_BACKEND_REQ |
+                 1ULL << VHOST_USER_PROTOCOL_F_HOST_NOTIFIER |
+                 1ULL << VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD |
+                 1ULL << VHOST_USER_PROTOCOL_F_REPLY_ACK |
+                 1ULL << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
+                 1ULL << VHOST_USER_PROTOCOL_F_PAGEFAULT | 1ULL << VHOST_USER_PROTOCOL_F_CONFIG;
+    if (dev->iface->get_protocol_features) {
+        f |= dev->iface->get_protocol_features(dev);
+    }
+    return f;
+}
 
 static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
 {
@@ -123,6 +168,10 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
     case VHOST_USER_SET_PROTOCOL_FEATURES:
         if (sz < sizeof(m->payload.u64)) {
             return "payload too short";
+        }
+        if (m->request == VHOST_USER_SET_PROTOCOL_FEATURES &&
+            (m->payload.u64 & ~pyvu_offered_protocol_features(dev))) {
+            return "protocol features that were not offered";
         }
         return nfd ? "unexpected file descriptors" : NULL;
     case VHOST_USER_SET_VRING_NUM:
@@ -182,11 +231,9 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
             return "one file descriptor per memory region expected";
         }
         for (unsigned i = 0; i < m->payload.memory.nregions; i++) {
-            VhostUserMemoryRegion *r = &m->payload.memory.regions[i];
-            if (!r->memory_size || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
-                r->userspace_addr + r->memory_size < r->userspace_addr ||
-                r->mmap_offset + r->memory_size < r->mmap_offset) {
-                return "memory region wraps around";
+            const char *why = pyvu_check_region(&m->payload.memory.regions[i], m->fds[i]);
+            if (why) {
+                return why;
             }
         }
         return NULL;
@@ -196,13 +243,10 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
             return "payload too short";
         }
         if (m->request == VHOST_USER_ADD_MEM_REG) {
-            VhostUserMemoryRegion *r = &m->payload.memreg.region;
-            if (!r->memory_size || r->guest_phys_addr + r->memory_size < r->guest_phys_addr ||
-                r->userspace_addr + r->memory_size < r->userspace_addr ||
-                r->mmap_offset + r->memory_size < r->mmap_offset) {
-                return "memory region wraps around";
+            if (nfd != 1) {
+                return "expected one file descriptor";
             }
-            return nfd == 1 ? NULL : "expected one file descriptor";
+            return pyvu_check_region(&m->payload.memreg.region, m->fds[0]);
         }
         return nfd <= 1 ? NULL : "too many file descriptors";
     case VHOST_USER_SET_LOG_BASE:
@@ -229,6 +273,9 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
         return nfd ? "unexpected file descriptors" : NULL;
     case VHOST_USER_GET_INFLIGHT_FD:
     case VHOST_USER_SET_INFLIGHT_FD:
+        if (!(dev->protocol_features & (1ULL << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD))) {
+            return "inflight tracking was not negotiated";
+        }
         if (sz < sizeof(m->payload.inflight)) {
             return "payload too short";
         }
@@ -239,14 +286,22 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
             return "inflight queue count or size out of range";
         }
         if (m->request == VHOST_USER_SET_INFLIGHT_FD) {
-            /* One region per queue: a 16-byte header and 16 bytes per descriptor. */
-            uint64_t per_queue = 16 + 16ull * m->payload.inflight.queue_size;
+            /* libvhost-user walks num_queues regions of vu_inflight_queue_size() bytes. */
+            uint64_t per_queue = (sizeof(VuDescStateSplit) * m->payload.inflight.queue_size +
+                                  sizeof(uint16_t) + 63) & ~63ull;
             if (m->payload.inflight.mmap_size <
                     per_queue * m->payload.inflight.num_queues ||
                 m->payload.inflight.mmap_size > (64ull << 20)) {
                 return "inflight region size does not match its queues";
             }
-            return nfd == 1 ? NULL : "expected one file descriptor";
+            if (nfd != 1) {
+                return "expected one file descriptor";
+            }
+            if (!pyvu_fd_covers(m->fds[0], m->payload.inflight.mmap_offset,
+                                m->payload.inflight.mmap_size)) {
+                return "inflight region larger than its file";
+            }
+            return NULL;
         }
         return nfd ? "unexpected file descriptors" : NULL;
     default:

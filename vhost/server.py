@@ -30,13 +30,18 @@ Threads and locking:
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import logging
 import os
+import select
 import socket
 import stat
 import struct
+import termios
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +61,9 @@ log = logging.getLogger("pyvhost_blk.vhost")
 TOKEN_C = 1 << 63  # poller tokens for C objects with work for Python (see _fastpath.c)
 TAKE_MAX = 64
 VHOST_USER_HDR_SIZE = 12
+MAX_PAYLOAD = 272  # sizeof(VhostUserMsg.payload): larger sizes are refused by pyvu_read_msg
+PARTIAL_TIMEOUT = 5.0  # seconds a frontend may take to finish sending one message
+PARTIAL_RETRY = 0.01
 VHOST_USER_MAX_CONFIG_SIZE = 256
 
 # Requests that never touch guest memory mappings or stop a ring: no need to wait for in-flight
@@ -285,6 +293,7 @@ class VuConnection:
         self.closed = False
         self._closing = False
         self._waiting = False
+        self._partial_since: float | None = None
         if lib.pyvu_dev_init(self.pdev) != 0:
             raise OSError(errno.ENOMEM, "pthread_rwlock_init failed")
         ok = lib.vu_init(
@@ -305,16 +314,59 @@ class VuConnection:
 
     # -- message dispatch -------------------------------------------------------------------
     def _peek_request(self) -> int | None:
-        """The next message's request code without consuming it; None on EOF/error."""
+        """The next message's request code without consuming it, once the whole message is in
+        the socket buffer (libvhost-user then reads it without blocking the main loop).
+        None on EOF/error, -1 while the message is incomplete."""
         try:
-            hdr = self.sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            hdr = self.sock.recv(VHOST_USER_HDR_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return -1
         except OSError:
             return None
-        if len(hdr) < 4:
-            return None if not hdr else -1
-        return struct.unpack("<i", hdr)[0]
+        if not hdr:
+            return None
+        if len(hdr) == VHOST_USER_HDR_SIZE:
+            request, _flags, size = struct.unpack("<iII", hdr)
+            if size > MAX_PAYLOAD:
+                return request  # pyvu_read_msg refuses it from the header alone
+            avail = array.array("i", [0])
+            try:
+                fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, avail)
+            except OSError:
+                return None
+            if avail[0] >= VHOST_USER_HDR_SIZE + size:
+                self._partial_since = None
+                return request
+        # Incomplete.  If the frontend has already hung up, the rest will never come.
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        for _fd, ev in p.poll(0):
+            if ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                return None
+        return -1
+
+    def _wait_for_rest(self) -> None:
+        """An incomplete message: stop watching the socket (it stays readable, so watching it
+        would spin) and look again shortly; a frontend that stalls mid-message for longer than
+        PARTIAL_TIMEOUT is disconnected.  Main thread."""
+        now = time.monotonic()
+        if self._partial_since is None:
+            self._partial_since = now
+        elif now - self._partial_since > PARTIAL_TIMEOUT:
+            self.close("incomplete vhost-user message (frontend stalled or hung up mid-message)")
+            return
+        self._waiting = True
+        self.main_ctx.set_fd_handler(self.sock.fileno(), None)
+
+        def retry() -> None:
+            self._waiting = False
+            if not self.closed and not self._closing:
+                self.main_ctx.set_fd_handler(self.sock.fileno(), self._on_readable)
+                self._on_readable()
+
+        t = threading.Timer(PARTIAL_RETRY, self.main_ctx.schedule, (retry,))
+        t.daemon = True
+        t.start()
 
     def _on_readable(self) -> None:
         if self.closed or self._waiting:
@@ -324,7 +376,8 @@ class VuConnection:
             self.close("frontend disconnected")
             return
         if req == -1:
-            return  # spurious wakeup or partial header: wait for more
+            self._wait_for_rest()
+            return
         need_quiesce = req not in _NO_QUIESCE
         if need_quiesce:
             self.quiescing = True
