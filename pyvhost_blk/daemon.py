@@ -128,13 +128,7 @@ class Daemon:
     def abort(self) -> None:
         """Startup failed: undo what configure() created (sockets, threads, pidfile)."""
         for s in self.servers:
-            self.main_ctx.set_fd_handler(s.listener.fileno(), None)
-            s.listener.close()
-            if s.path:
-                try:
-                    os.unlink(s.path)
-                except OSError:
-                    pass
+            s.stop_listening()
         for t in self.iothreads.values():
             t.stop()
         for m in self.monitors:

@@ -153,7 +153,6 @@ struct pyvu_blkstate {
     uint64_t last_access_ns;
     uint64_t fast_ops;
     int64_t length;
-    int slow;
     int force_slow;
     int wce;
     int writable;

@@ -92,7 +92,6 @@ struct pyvu_blkstate {
     uint64_t last_access_ns;
     uint64_t fast_ops;          /* requests completed by the C path (for tests/stats) */
     int64_t length;             /* bytes; < 0: no medium */
-    int slow;                   /* Python wants to see every request (tray, stop, ...) */
     int force_slow;             /* the user forced the Python path */
     int wce;                    /* write cache enabled (else writes are FUA) */
     int writable;
@@ -448,7 +447,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     struct iovec *last;
     int is_write;
 
-    if (__atomic_load_n(&b->slow, __ATOMIC_ACQUIRE) || b->force_slow) {
+    if (b->force_slow) {
         return 0;
     }
     if (b->driver == DRV_NONE || (b->driver == DRV_FILE && !q->ring) ||

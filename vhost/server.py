@@ -616,9 +616,10 @@ class VuServer:
         return {"connections": self.connections, "connected": self.conn is not None,
                 "queues": queues}
 
-    def shutdown(self, then: Callable[[], None]) -> None:
-        """Stop accepting, disconnect the frontend after its in-flight requests, unlink the
-        socket, then call ``then``."""
+    def stop_listening(self) -> None:
+        """Main thread: stop accepting frontends, close the listener, remove the socket file."""
+        if self.listener.fileno() < 0:
+            return
         self.main_ctx.set_fd_handler(self.listener.fileno(), None)
         self.listener.close()
         if self.path:
@@ -626,6 +627,11 @@ class VuServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def shutdown(self, then: Callable[[], None]) -> None:
+        """Stop accepting, disconnect the frontend after its in-flight requests, unlink the
+        socket, then call ``then``."""
+        self.stop_listening()
         conn = self.conn
         if conn is None:
             then()

@@ -22,7 +22,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -75,20 +75,6 @@ from tests.reliability import A_SECTORS, SCRATCH, Harness, Verdict, pattern
 # once in about ten runs; rerun before failing while it is investigated.
 pytestmark = pytest.mark.flaky(reruns=2)
 
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(tmp_path_factory.mktemp("hostile"))
-    h.start()
-    yield h
-    h.stop()
-
-
-@pytest.fixture
-def env(harness: Harness) -> Harness:
-    harness.begin()
-    return harness
 
 
 def attach(env: Harness, queue_size: int = 64, **kw: object) -> VhostUserFrontend:

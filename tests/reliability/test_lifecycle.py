@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -34,20 +33,6 @@ pytestmark = pytest.mark.flaky(reruns=2)
 CYCLES = 200
 WARMUP = 20
 RSS_SLACK_KIB = 4 << 10  # allocator noise; a leak per cycle would exceed this over 180 cycles
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(tmp_path_factory.mktemp("lifecycle"))
-    h.start()
-    yield h
-    h.stop()
-
-
-@pytest.fixture
-def env(harness: Harness) -> Harness:
-    harness.begin()
-    return harness
 
 
 def _cycle(env: Harness, i: int) -> None:
