@@ -299,6 +299,7 @@ struct pyvu_fastq {
     uint64_t requests;
     uint64_t kicks;
     int py_reported;                /* a token for this queue is with Python */
+    unsigned checked_gen;           /* pdev->gen when the rings were last checked */
     VuVirtqElement *slow[PYVU_QMAX];
     int nslow;
     struct pyvu_req *failed[PYVU_QMAX];
@@ -552,6 +553,34 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     return 1;
 }
 
+/*
+ * The rings, and the heads libvhost-user will pop again after a reconnect, are safe to walk:
+ * checked before the first pop after every vhost-user message (which may have moved, resized
+ * or remapped them).  A problem marks the device broken, which closes the connection.
+ * Queue's thread, read lock held.
+ */
+static int pyvu_fastq_check_rings(struct pyvu_fastq *q, VuVirtq *vq)
+{
+    struct pyvu_dev *d = q->pdev;
+    const char *why;
+
+    if (!vu_is_vq_usable(&d->vu, vq)) {
+        return 0;                   /* not mapped yet: there is nothing to pop */
+    }
+    why = pyvu_ring_problem(d, vq);
+    for (unsigned i = 0; !why && vq->resubmit_list && i < vq->resubmit_num; i++) {
+        if (vq->resubmit_list[i].index >= vq->vring.num) {
+            why = "inflight entry beyond the ring";
+        }
+    }
+    if (why) {
+        vu_panic(&d->vu, "queue %d: %s", q->qidx, why);
+        return 0;
+    }
+    q->checked_gen = d->gen;
+    return 1;
+}
+
 /* Pop and serve everything available.  Queue's thread, GIL released. */
 static void pyvu_fastq_process(struct pyvu_fastq *q)
 {
@@ -564,8 +593,17 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
         return;
     }
     VuVirtq *vq = &dev->vq[q->qidx];
+    if (q->checked_gen != d->gen && !pyvu_fastq_check_rings(q, vq)) {
+        pthread_rwlock_unlock(&d->lock);
+        return;
+    }
     while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX &&
            q->nbatch < PYVU_QMAX) {
+        const char *why = pyvu_next_chain_problem(dev, vq);
+        if (why) {
+            vu_panic(dev, "queue %d: %s", q->qidx, why);
+            break;
+        }
         struct pyvu_req *r = vu_queue_pop(dev, vq, sizeof(struct pyvu_req));
         if (!r) {
             break;

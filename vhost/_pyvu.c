@@ -31,6 +31,8 @@ struct pyvu_dev {
     int bad_msg;        /* the last message was refused by pyvu_read_msg */
     char why[160];      /* why, for the log */
     void *handle;       /* cffi handle of the Python VuServer connection */
+    unsigned gen;       /* bumped by every message: queue threads re-check their rings */
+    uint16_t inflight_qsize;    /* queue size of the inflight region the frontend gave */
 };
 
 static struct pyvu_dev *pyvu_from_vu(VuDev *dev)
@@ -51,6 +53,8 @@ static int pyvu_dev_init(struct pyvu_dev *d)
     d->eof = 0;
     d->bad_msg = 0;
     d->why[0] = 0;
+    d->gen = 1;
+    d->inflight_qsize = 0;
     return r;
 }
 
@@ -129,6 +133,158 @@ static const char *pyvu_check_region(VhostUserMemoryRegion *r, int fd)
     return NULL;
 }
 
+/*
+ * Rings.  libvhost-user checks only that each ring *starts* inside a memory region (qva_to_va),
+ * then reads and writes it for vring.num entries; a frontend could place a ring across the end
+ * of its region.  Sizes of a split virtqueue's parts, in bytes:
+ */
+#define PYVU_DESC_BYTES(n)  (16ull * (n))
+#define PYVU_AVAIL_BYTES(n) (6ull + 2ull * (n))    /* flags, idx, ring[n], used_event */
+#define PYVU_USED_BYTES(n)  (6ull + 8ull * (n))    /* flags, idx, ring[n], avail_event */
+
+/* [qva, qva + len) lies inside one memory region (frontend addresses). */
+static int pyvu_qva_range_ok(VuDev *dev, uint64_t qva, uint64_t len)
+{
+    for (unsigned i = 0; i < dev->nregions; i++) {
+        VuDevRegion *r = &dev->regions[i];
+        if (qva >= r->qva && len <= r->size && qva - r->qva <= r->size - len) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* [p, p + len) lies inside one mapped memory region (our addresses). */
+static int pyvu_host_range_ok(VuDev *dev, const void *p, uint64_t len)
+{
+    uintptr_t a = (uintptr_t)p;
+    for (unsigned i = 0; i < dev->nregions; i++) {
+        VuDevRegion *r = &dev->regions[i];
+        uintptr_t base = (uintptr_t)(r->mmap_addr + r->mmap_offset);
+        if (a >= base && len <= r->size && a - base <= r->size - len) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Everything a pop or push on a mapped queue touches lies in mapped memory: the three rings for
+ * vring.num entries, and (with inflight tracking) vring.num entries of the inflight region.
+ * NULL if so, else why not.
+ */
+static const char *pyvu_ring_problem(struct pyvu_dev *d, VuVirtq *vq)
+{
+    VuDev *dev = &d->vu;
+    uint64_t n = vq->vring.num;
+
+    if (n == 0) {
+        return "queue started without a ring size";
+    }
+    if (!pyvu_host_range_ok(dev, vq->vring.desc, PYVU_DESC_BYTES(n)) ||
+        !pyvu_host_range_ok(dev, vq->vring.avail, PYVU_AVAIL_BYTES(n)) ||
+        !pyvu_host_range_ok(dev, vq->vring.used, PYVU_USED_BYTES(n))) {
+        return "ring runs past the end of its memory region";
+    }
+    if (vq->inflight && n > d->inflight_qsize) {
+        return "ring larger than its inflight region";
+    }
+    return NULL;
+}
+
+/* SET_VRING_ADDR: libvhost-user maps the rings and reads the used index at once.  Checked with
+ * the ring size set so far; queue threads check again with the final size before popping. */
+static const char *pyvu_vring_addr_problem(VuDev *dev, const struct vhost_vring_addr *a)
+{
+    uint64_t n = dev->vq[a->index].vring.num ? dev->vq[a->index].vring.num : 1;
+
+    if (!pyvu_qva_range_ok(dev, a->desc_user_addr, PYVU_DESC_BYTES(n)) ||
+        !pyvu_qva_range_ok(dev, a->avail_user_addr, PYVU_AVAIL_BYTES(n)) ||
+        !pyvu_qva_range_ok(dev, a->used_user_addr, PYVU_USED_BYTES(n))) {
+        return "ring outside guest memory";
+    }
+    return NULL;
+}
+
+/*
+ * SET_VRING_KICK starts a queue.  With inflight tracking, libvhost-user then reads the used
+ * index and walks the inflight entries the frontend left behind (vu_check_queue_inflights),
+ * trusting the ring mapping and the region's desc_num, which lives in memory the frontend can
+ * write; the entries it finds are popped again by index without a check against the ring size.
+ */
+static const char *pyvu_kick_problem(VuDev *dev, unsigned idx)
+{
+    struct pyvu_dev *d = pyvu_from_vu(dev);
+    VuVirtq *vq = &dev->vq[idx];
+    const char *why;
+
+    if (!(dev->protocol_features & (1ULL << VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)) ||
+        !vq->inflight || !vq->inflight->version) {
+        return NULL;
+    }
+    vq->inflight->desc_num = d->inflight_qsize;
+    if (!vu_is_vq_usable(dev, vq)) {
+        return "queue with inflight state started before its ring addresses";
+    }
+    why = pyvu_ring_problem(d, vq);
+    if (why) {
+        return why;
+    }
+    for (unsigned i = vq->vring.num; i < d->inflight_qsize; i++) {
+        if (vq->inflight->desc[i].inflight) {
+            return "inflight entry beyond the ring";
+        }
+    }
+    return NULL;
+}
+
+/*
+ * Before each pop from the avail ring: look at the next chain's head for what libvhost-user
+ * accepts but the virtio spec forbids: an indirect table that is empty (libvhost-user reads its
+ * first entry anyway) or that holds another indirect descriptor (QEMU refuses those chains).
+ * Everything else about the chain is libvhost-user's to check.  Queue thread, read lock held.
+ */
+static const char *pyvu_next_chain_problem(VuDev *dev, VuVirtq *vq)
+{
+    struct vring_desc buf[VIRTQUEUE_MAX_SIZE];
+    unsigned num = vq->vring.num;
+    uint16_t avail_idx = le16toh(__atomic_load_n(&vq->vring.avail->idx, __ATOMIC_ACQUIRE));
+    struct vring_desc *t;
+    uint64_t addr, rlen;
+    uint32_t len;
+    unsigned head;
+
+    if (avail_idx == vq->last_avail_idx || (vq->resubmit_list && vq->resubmit_num)) {
+        return NULL;
+    }
+    head = le16toh(vq->vring.avail->ring[vq->last_avail_idx % num]);
+    if (head >= num || !(le16toh(vq->vring.desc[head].flags) & VRING_DESC_F_INDIRECT)) {
+        return NULL;
+    }
+    len = le32toh(vq->vring.desc[head].len);
+    addr = le64toh(vq->vring.desc[head].addr);
+    if (len == 0) {
+        return "empty indirect descriptor table";
+    }
+    if (len % sizeof(struct vring_desc) || len > sizeof(buf)) {
+        return NULL;
+    }
+    rlen = len;
+    t = vu_gpa_to_va(dev, &rlen, addr);
+    if (t && rlen != len) {        /* the table spans two regions: read a copy */
+        t = virtqueue_read_indirect_desc(dev, buf, addr, len) ? NULL : buf;
+    }
+    if (!t) {
+        return NULL;
+    }
+    for (unsigned i = 0; i < len / sizeof(struct vring_desc); i++) {
+        if (le16toh(t[i].flags) & VRING_DESC_F_INDIRECT) {
+            return "nested indirect descriptor";
+        }
+    }
+    return NULL;
+}
+
 /* The protocol features libvhost-user offers, plus the device's own. */
 static uint64_t pyvu_offered_protocol_features(VuDev *dev)
 {
@@ -201,7 +357,13 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
         if (m->payload.addr.index >= dev->max_queues) {
             return "queue index out of range";
         }
-        return nfd ? "unexpected file descriptors" : NULL;
+        if (nfd) {
+            return "unexpected file descriptors";
+        }
+        {
+            struct vhost_vring_addr a = m->payload.addr;   /* the message is packed */
+            return pyvu_vring_addr_problem(dev, &a);
+        }
     case VHOST_USER_SET_VRING_KICK:
     case VHOST_USER_SET_VRING_CALL:
     case VHOST_USER_SET_VRING_ERR:
@@ -213,9 +375,13 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
             return "queue index out of range";
         }
         if (m->payload.u64 & VHOST_USER_VRING_NOFD_MASK) {
-            return nfd ? "unexpected file descriptors" : NULL;
+            if (nfd) {
+                return "unexpected file descriptors";
+            }
+        } else if (nfd != 1) {
+            return "expected one file descriptor";
         }
-        return nfd == 1 ? NULL : "expected one file descriptor";
+        return m->request == VHOST_USER_SET_VRING_KICK ? pyvu_kick_problem(dev, idx) : NULL;
     case VHOST_USER_SET_MEM_TABLE:
         if (sz < offsetof(VhostUserMemory, regions)) {
             return "payload too short";
@@ -324,6 +490,7 @@ static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
 
     memset(control, 0, sizeof(control));
     vmsg->fd_num = 0;
+    d->gen++;
     do {
         rc = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     } while (rc < 0 && errno == EINTR);
@@ -381,6 +548,10 @@ static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
             snprintf(d->why, sizeof(d->why), "request %d: %s", vmsg->request, why);
             goto fail;
         }
+    }
+    if (vmsg->request == VHOST_USER_GET_INFLIGHT_FD ||
+        vmsg->request == VHOST_USER_SET_INFLIGHT_FD) {
+        d->inflight_qsize = vmsg->payload.inflight.queue_size;
     }
     if (vmsg->request == VHOST_USER_GET_INFLIGHT_FD && dev->inflight_info.addr) {
         /*

@@ -71,11 +71,6 @@ from tests.frontend.vhost_user import (
 )
 from tests.reliability import A_SECTORS, SCRATCH, Harness, Verdict, pattern
 
-# A rare timing flake (a reconnect racing the previous connection's teardown) was seen
-# once in about ten runs; rerun before failing while it is investigated.
-pytestmark = pytest.mark.flaky(reruns=2)
-
-
 
 def attach(env: Harness, queue_size: int = 64, **kw: object) -> VhostUserFrontend:
     fe = connect(env.a_sock)
@@ -344,11 +339,9 @@ def ring_avail_idx_jump(fe: VhostUserFrontend, q: Virtqueue) -> None:
     q.set_avail_idx(0x8000)
 
 
-# ring_nested_indirect is not listed: libvhost-user 10.0 treats an indirect descriptor inside an
-# indirect table as a plain buffer (still bounds-checked in guest memory, so harmless) where
-# QEMU refuses the chain.  Known gap, noted for the reliability work.
 RING_CASES: list[RingCase] = [
     ring_loop_direct, ring_loop_indirect, ring_indirect_len_24, ring_indirect_len_0,
+    ring_nested_indirect,
     ring_indirect_outside_memory, ring_indirect_crossing_end,
     ring_indirect_next_out_of_table, ring_desc_outside_memory, ring_desc_len_past_end,
     ring_desc_near_2_64, ring_desc_len_0, ring_writable_before_readable, ring_head_out_of_range,
