@@ -210,6 +210,7 @@ def qemu_get_aio_context() -> AioContext:
     global _main_ctx
     if _main_ctx is None:
         _main_ctx = AioContext("main")
+        _c_wait_fd()  # created with the loop, not on first use: a daemon's fd table is stable
     return _main_ctx
 
 
@@ -228,7 +229,6 @@ def aio_wait_until(cond: Callable[[], bool], then: Callable[[], None]) -> None:
     if cond():
         then()
         return
-    _c_wait_fd()
     with _waiters_lock:
         _waiters.append((cond, then))
         lib.pyvu_set_waiters(len(_waiters))
@@ -267,7 +267,7 @@ _wait_efd = -1
 
 def _c_wait_fd() -> None:
     """The eventfd through which C counters (the fast path's in-flight counts) wake the main
-    loop when they drop to zero while someone waits.  Main thread."""
+    loop when they drop to zero while someone waits.  Main thread, once, with the main loop."""
     global _wait_efd
     if _wait_efd >= 0:
         return

@@ -27,10 +27,8 @@ from tests.frontend.vhost_user import (
     S_OK,
     SECTOR,
     T_GET_ID,
-    T_IN,
     T_OUT,
     VhostUserFrontend,
-    blk_header,
     connect,
 )
 
@@ -66,7 +64,6 @@ class Harness:
         self.log_mark = 0
         self.restarts = 0
         self.tainted = False  # the last test did not end healthy: restart before the next
-        self.wait_efd_seen = False
         self._seq = 0
 
     def args(self) -> list[str]:
@@ -106,24 +103,6 @@ class Harness:
                 assert fe.blk(T_GET_ID, 0, b"", 21, queue=q).status == S_OK
                 data = self.read_image(SCRATCH, 1)
                 assert fe.blk(T_OUT, SCRATCH, data, 1, queue=q, out_split=[8, 8]).status == S_OK
-        # And for the eventfd the main loop creates the first time a disconnect has to wait for
-        # requests in flight (blocklayer.aio._c_wait_fd, once per process): close B (thread
-        # pool, slower than io_uring) with reads in flight until it appears.
-        def eventfds() -> int:
-            return sum(t == "anon_inode:[eventfd]" for t in self.wait_fds_stable().values())
-
-        self.wait_efd_seen = False
-        before = eventfds()
-        for _ in range(5):
-            with connect(self.b_sock) as fe:
-                fe.setup(queue_size=128, mem_size=16 << 20, arena_size=4 << 20)
-                q = fe.queues[0]
-                for k in range(48):
-                    q.submit_blk(blk_header(T_IN, k % 8 * 128), 64 << 10 | 1)
-                q.kick()
-            if eventfds() > before:
-                self.wait_efd_seen = True
-                break
         self.b = connect(self.b_sock)
         self.b.setup(queue_size=64)
         self.check_b()
@@ -249,14 +228,6 @@ class Harness:
         while True:
             cur = self.fd_table()
             if cur == self.baseline:
-                return
-            extra = {k: v for k, v in cur.items() if self.baseline.get(k) != v}
-            if (not self.wait_efd_seen and len(cur) == len(self.baseline) + 1
-                    and list(extra.values()) == ["anon_inode:[eventfd]"]):
-                # The main loop's wait eventfd (blocklayer.aio._c_wait_fd), created once per
-                # process the first time a wait for in-flight requests was needed.
-                self.wait_efd_seen = True
-                self.baseline = cur
                 return
             if time.monotonic() > deadline:
                 break

@@ -11,8 +11,6 @@ import os
 import stat
 import time
 
-import pytest
-
 from tests.frontend.vhost_user import (
     GET_FEATURES,
     S_OK,
@@ -24,11 +22,6 @@ from tests.frontend.vhost_user import (
     connect,
 )
 from tests.reliability import SCRATCH, Harness, pattern
-
-# A rare timing flake (a reconnect racing the previous connection's teardown) was seen
-# once in about ten runs; rerun before failing while it is investigated.
-pytestmark = pytest.mark.flaky(reruns=2)
-
 
 CYCLES = 200
 WARMUP = 20

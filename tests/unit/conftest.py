@@ -71,7 +71,7 @@ def drain_bhs(ctx: AioContext | None = None) -> None:
 
 def _allowed_fds(ctx: AioContext) -> set[int]:
     """Handlers that live as long as the process: the context's io_uring and the main loop's
-    aio_wait eventfd (created on first use)."""
+    aio_wait eventfd."""
     from blocklayer import aio
 
     st = io_uring._states.get(ctx)
