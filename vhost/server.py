@@ -456,6 +456,11 @@ class VuConnection:
         else:
             self._finish_close()
 
+    @property
+    def going_away(self) -> bool:
+        """close() has begun (the connection may still wait for requests in flight)."""
+        return self._closing or self.closed
+
     def _finish_close(self) -> None:
         if self.closed:
             return
@@ -554,6 +559,12 @@ class VuServer:
                 q.move_to(self.device.queue_context(q.idx))
 
     def _on_accept(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.going_away:
+            # The frontend is going away (e.g. QEMU restarting): leave the next one in the
+            # backlog until the old connection is gone, instead of refusing it.
+            self.main_ctx.set_fd_handler(self.listener.fileno(), None)
+            return
         try:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -561,7 +572,7 @@ class VuServer:
         except OSError as e:
             log.warning("%s: accept failed: %s", self.name, e)
             return
-        if self.conn is not None and not self.conn.closed:
+        if self.conn is not None:
             log.warning("%s: refusing a second frontend while one is attached", self.name)
             sock.close()
             return
@@ -597,6 +608,9 @@ class VuServer:
         lib.pyvu_dev_destroy(conn.pdev)
         self.device.connection_changed(False)
         aio_wait_kick()  # shutdown() may be waiting for this
+        if self.listener.fileno() >= 0:  # accept again (see _on_accept); not after shutdown
+            self.main_ctx.set_fd_handler(self.listener.fileno(), self._on_accept)
+            self._on_accept()
 
     def in_flight(self) -> int:
         return self.conn.in_flight() if self.conn else 0

@@ -1,8 +1,9 @@
 """Connection lifecycle: many frontends come and go, some with requests in flight.
 
 After 200 connect/disconnect cycles the daemon still serves, its open fds and RSS are stable,
-its sockets are private (0600), and a second frontend connecting while one is attached is
-accepted and closed at once without disturbing the first.
+its sockets are private (0600), a second frontend connecting while one is attached is
+accepted and closed at once without disturbing the first, and one connecting while the previous
+one is still closing waits and is then served.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import stat
 import time
+from pathlib import Path
 
+from tests.daemon import DaemonProcess
 from tests.frontend.vhost_user import (
     GET_FEATURES,
     S_OK,
@@ -119,3 +122,31 @@ def test_second_frontend_refused(env: Harness) -> None:
         assert first.get_vring_base(1) == 1 + 0  # queue 1 served exactly one request
         assert not first.peer_closed(0.2)
     env.check_healthy()
+
+
+def test_frontend_waits_while_previous_one_closes(tmp_path: Path) -> None:
+    """A frontend that connects while the previous one's requests are still in flight (QEMU
+    restarting) waits in the backlog and is served once they complete: it is not refused."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(pattern(0, 64))
+    sock = str(tmp_path / "vhost.sock")
+    with DaemonProcess([
+        "--blockdev", f"driver=file,node-name=d,filename={img},aio=io_uring,"
+                      "x-delay-every=1,x-delay-us=300000",
+        "--export", f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},"
+                    "writable=on",
+    ], tmp_path) as d:
+        first = connect(sock)
+        first.setup(queue_size=64)
+        q = first.queues[0]
+        for k in range(4):
+            q.submit_blk(blk_header(T_IN, k), SECTOR + 1)
+        q.kick()
+        time.sleep(0.1)  # popped: each now takes 300 ms
+        first.close()
+        t0 = time.monotonic()
+        with connect(sock, retry_for=0) as second:  # no retry: a refusal fails the test
+            second.setup(queue_size=64)
+            assert second.read(8, SECTOR, timeout=10) == (S_OK, pattern(8, 1))
+        assert time.monotonic() - t0 >= 0.1, "the old connection did not wait for its requests"
+        assert d.proc.poll() is None
