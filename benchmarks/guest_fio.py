@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -24,9 +25,10 @@ from tests.e2e.guest import Guest, build_guest, default_accel
 IMG_SIZE = 1 << 30
 
 
-def one_run(side: str, img: Path, workdir: Path, runtime: int, image) -> float:
+def one_run(side: str, img: Path, workdir: Path, runtime: int, image,
+            ours_args: list[str]) -> float:
     sock = workdir / f"{side}.sock"
-    args = [
+    args = (ours_args if side == "ours" else []) + [
         "--blockdev", f"driver=file,node-name=disk0,filename={img},aio=io_uring,cache.direct=on"
         if side == "ours" else
         f"driver=file,node-name=disk0,filename={img},aio=native,cache.direct=on",
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--runtime", type=int, default=10)
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--ours-args", default="", metavar="ARGS",
+                   help="extra arguments for pyvhost-blk, e.g. "
+                        "'--object main-loop,id=ml,poll-max-ns=32768'")
     args = p.parse_args(argv)
     image = build_guest()
     results: dict[str, list[float]] = {"ours": [], "qsd": []}
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             f.truncate(IMG_SIZE)
         for i in range(args.pairs):
             for side in ("ours", "qsd"):
-                iops = one_run(side, img, work, args.runtime, image)
+                iops = one_run(side, img, work, args.runtime, image, shlex.split(args.ours_args))
                 results[side].append(iops)
                 print(f"[{i + 1}/{args.pairs}] {side}: {iops:,.0f} IOPS", file=sys.stderr)
     ours, qsd = statistics.median(results["ours"]), statistics.median(results["qsd"])

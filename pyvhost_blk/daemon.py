@@ -50,6 +50,7 @@ class Daemon:
     def __init__(self) -> None:
         self.main_ctx = qemu_get_aio_context()
         self.iothreads: dict[str, IOThread] = {}
+        self.main_loop_id: str | None = None
         self.exports: dict[str, VhostUserBlkExport] = {}
         self.pidfile: str | None = None
         self.stats_file: str | None = None
@@ -93,8 +94,12 @@ class Daemon:
     def object_add(self, p: ParsedOption) -> None:
         v, j = p.values, p.from_json
         qom_type = to_str(require(v, "qom-type"), "qom-type", from_json=j)
+        if qom_type == "main-loop":
+            self.main_loop_add(p)
+            return
         if qom_type != "iothread":
-            raise KeyvalError(f"Invalid object type '{qom_type}' (pyvhost-blk has 'iothread')")
+            raise KeyvalError(f"Invalid object type '{qom_type}' "
+                              "(pyvhost-blk has 'iothread' and 'main-loop')")
         check_keys(v, ("qom-type", "id", "poll-max-ns", "poll-grow", "poll-shrink",
                        "aio-max-batch", "thread-pool-min", "thread-pool-max"))
         oid = to_str(require(v, "id"), "id", from_json=j)
@@ -107,6 +112,24 @@ class Daemon:
         t = IOThread(oid, poll)
         t.start()
         self.iothreads[oid] = t
+
+    def main_loop_add(self, p: ParsedOption) -> None:
+        """``--object main-loop,id=ID[,poll-max-ns=N]``: the main loop's settings.  qsd takes
+        the object (aio-max-batch, thread-pool-*); ``poll-max-ns`` is ours: QEMU's main loop
+        never polls, and neither does ours unless asked (it shares the CPU with everything
+        the main thread runs, and on small hosts with the guest's vCPUs)."""
+        v, j = p.values, p.from_json
+        check_keys(v, ("qom-type", "id", "poll-max-ns", "aio-max-batch", "thread-pool-min",
+                       "thread-pool-max"))
+        oid = to_str(require(v, "id"), "id", from_json=j)
+        if self.main_loop_id is not None:
+            raise KeyvalError("only one main-loop instance allowed")
+        if "poll-max-ns" in v:
+            ns = to_int(v["poll-max-ns"], "poll-max-ns", from_json=j)
+            if ns < 0:
+                raise KeyvalError("poll-max-ns must be at least 0")
+            qemu_get_aio_context().set_poll_max_ns(ns)
+        self.main_loop_id = oid
 
     def export_add(self, p: ParsedOption) -> VhostUserBlkExport:
         exp = export_add(p.values, p.from_json, self.iothreads, self.exports)

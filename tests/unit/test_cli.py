@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from blocklayer import bdrv
+from blocklayer.aio import qemu_get_aio_context
 from pyvhost_blk import __version__
 from pyvhost_blk.cli import USAGE, UsageError, parse_args
 from pyvhost_blk.daemon import Daemon
@@ -277,6 +278,23 @@ def test_object_errors(daemon):
         configure(daemon, "--object", "iothread")
     with pytest.raises(UsageError, match="Parameter 'poll-max-ns' expects integer"):
         configure(daemon, "--object", "iothread,id=x,poll-max-ns=fast")
+
+
+def test_main_loop_object(daemon):
+    """qsd's ``--object main-loop``; ``poll-max-ns`` on it is ours (the main loop's polling)."""
+    ctx = qemu_get_aio_context()
+    before = ctx.poll_stats["poll-max-ns"]
+    try:
+        with pytest.raises(UsageError, match="Parameter 'poll-max-ns' expects integer"):
+            configure(daemon, "--object", "main-loop,id=ml,poll-max-ns=fast")
+        with pytest.raises(UsageError, match="Parameter 'poll-grow' is unexpected"):
+            configure(daemon, "--object", "main-loop,id=ml,poll-grow=2")
+        configure(daemon, "--object", "main-loop,id=ml,poll-max-ns=1000,thread-pool-max=4")
+        assert ctx.poll_stats["poll-max-ns"] == 1000
+        with pytest.raises(UsageError, match="only one main-loop instance allowed"):
+            configure(daemon, "--object", "main-loop,id=ml2")
+    finally:
+        ctx.set_poll_max_ns(before)
 
 
 def test_monitor_errors_name_the_option(daemon, tmp_path):
