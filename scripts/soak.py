@@ -63,8 +63,9 @@ def main() -> int:
                 Guest(sock, num_queues=args.queues, smp=2, image=image) as g:
             qmp = QEMUMonitorProtocol(str(qmp_sock))
             qmp.connect()
-            g.run_ok(f"(while [ ! -e /tmp/stop ]; do {FIO} > /tmp/fio.out 2>&1 || "
-                     "{ cp /tmp/fio.out /tmp/fio.fail; break; }; done; touch /tmp/done) &")
+            g.run_ok(f"(while [ ! -e /tmp/stop ]; do if {FIO} > /tmp/fio.out 2>&1; then "
+                     "echo >> /tmp/passes; else cp /tmp/fio.out /tmp/fio.fail; break; fi; "
+                     "done; touch /tmp/done) &")
             start = time.monotonic()
             first = rss_and_fds(d.proc.pid)
             print(f"{'min':>6} {'RSS MiB':>8} {'fds':>5}  event", flush=True)
@@ -93,7 +94,9 @@ def main() -> int:
                 print(g.run("cat /tmp/fio.fail")[1], file=sys.stderr)
                 return 1
             last = rss_and_fds(d.proc.pid)
-            print(f"RSS {first[0]} -> {last[0]} MiB, fds {first[1]} -> {last[1]}")
+            passes = g.run("cat /tmp/passes 2>/dev/null | wc -l")[1].strip()
+            print(f"fio verify passes: {passes}; RSS {first[0]} -> {last[0]} MiB, "
+                  f"fds {first[1]} -> {last[1]}")
             g.poweroff()
             qmp.close()
             d.terminate()
