@@ -31,6 +31,16 @@ FIO = (
 )
 
 
+def _serving_again(daemon: DaemonProcess, since: float, limit: float = 20.0) -> float:
+    """Seconds from ``since`` until QEMU has reconnected and the new daemon served a request."""
+    while time.monotonic() - since < limit:
+        e = daemon.stats()["exports"]["exp0"]
+        if e["connected"] and any(q["requests"] > 0 for q in e["queues"]):
+            return time.monotonic() - since
+        time.sleep(0.05)
+    raise AssertionError(f"QEMU did not reconnect and resume within {limit} s:\n{daemon.log()}")
+
+
 def _kill_loop(tmp_path: Path, guest_image, node_extra: str, export_extra: str,
                expect_survival: bool) -> None:
     img = tmp_path / "disk.img"
@@ -48,6 +58,7 @@ def _kill_loop(tmp_path: Path, guest_image, node_extra: str, export_extra: str,
         with Guest(sock, num_queues=2, smp=2, image=guest_image, reconnect=1) as g:
             g.run_ok(f"({FIO} > /tmp/fio.out 2>&1; echo $? > /tmp/fio.rc) &")
             kills = 0
+            reconnects: list[float] = []
             for _ in range(3):
                 time.sleep(rng.uniform(1.5, 3.0))
                 status, _ = g.run("test -e /tmp/fio.rc", timeout=60)
@@ -57,7 +68,10 @@ def _kill_loop(tmp_path: Path, guest_image, node_extra: str, export_extra: str,
                 daemon.proc.wait()
                 daemon.close()
                 kills += 1
+                restarted = time.monotonic()
                 daemon = DaemonProcess(args, tmp_path)  # replaces the stale socket
+                if expect_survival:
+                    reconnects.append(_serving_again(daemon, restarted))
             deadline = time.monotonic() + (600 if expect_survival else 45)
             while g.run("test -e /tmp/fio.rc", timeout=60)[0] != 0:
                 if time.monotonic() > deadline:
@@ -71,6 +85,8 @@ def _kill_loop(tmp_path: Path, guest_image, node_extra: str, export_extra: str,
                 assert ok, (rc, out)
                 assert kills == 3, f"fio finished after {kills} kills; make it run longer"
                 assert g.poweroff() == 0
+                print("restart to first request served again (s):",
+                      " ".join(f"{t:.2f}" for t in reconnects))
             else:
                 assert kills >= 1
                 assert not ok, "fio survived out-of-order completion without inflight tracking"
