@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 import pytest
 
@@ -48,14 +49,11 @@ def _addrs(fe: VhostUserFrontend, q: Virtqueue, moved: str, qva: int) -> tuple[i
     return a["desc"], a["used"], a["avail"]
 
 
-def _publish_read(q: Virtqueue) -> None:
-    q.submit_blk(blk_header(T_IN, 0), 513)
-    q.kick()
-
-
-@pytest.mark.parametrize("ring", ["desc", "avail", "used"])
-def test_ring_runs_past_region_end(env: Harness, ring: str) -> None:
-    """A ring that starts 8 bytes before the end of the only memory region."""
+def _start_with_moved_ring(env: Harness, ring: str, before_end: int, num_at_addr: int,
+                           what: str) -> None:
+    """Start queue 0 with ``ring`` placed ``before_end`` bytes before the end of the only memory
+    region while the ring has ``num_at_addr`` entries, then give it its full size and send a
+    read; the daemon must close the connection."""
     v = Verdict(env)
     with connect(env.a_sock) as fe:
         fe.setup(queue_size=64, start=False)
@@ -64,42 +62,33 @@ def test_ring_runs_past_region_end(env: Harness, ring: str) -> None:
         q = fe.queues[0]
         end = fe.mem.main.qva + fe.mem.main.size
         try:
-            fe.set_vring_num(0, q.size)
+            fe.set_vring_num(0, num_at_addr)
             fe.set_vring_base(0, 0)
-            fe.set_vring_addr(0, *_addrs(fe, q, ring, end - 8))
+            fe.set_vring_addr(0, *_addrs(fe, q, ring, end - before_end))
+            fe.set_vring_num(0, q.size)
             fe.set_vring_kick(0, q.kick_fd)
             fe.set_vring_call(0, q.call_fd)
-            q.kick()
+            fe.set_vring_enable(0, True)
+            q.submit_blk(blk_header(T_IN, 0), 513)  # (a moved avail ring shows nothing, but
+            q.kick()                                 # the kick is enough)
         except (ConnectionClosed, FrontendTimeout):
             pass
-        v.expect_closed(fe, f"{ring} ring across the end of guest memory")
+        v.expect_closed(fe, what)
     v.finish()
+
+
+@pytest.mark.parametrize("ring", ["desc", "avail", "used"])
+def test_ring_runs_past_region_end(env: Harness, ring: str) -> None:
+    """A ring of 64 entries that starts 8 bytes before the end of the only memory region."""
+    _start_with_moved_ring(env, ring, 8, 64, f"{ring} ring across the end of guest memory")
 
 
 @pytest.mark.parametrize("ring", ["desc", "avail", "used"])
 def test_ring_grows_past_region_end_after_its_address(env: Harness, ring: str) -> None:
     """SET_VRING_ADDR while the ring has 1 entry (it fits), then SET_VRING_NUM 64 (it no longer
     does) and a request: caught before the first pop."""
-    v = Verdict(env)
-    with connect(env.a_sock) as fe:
-        fe.setup(queue_size=64, start=False)
-        assert fe.mem is not None
-        fe.set_mem_table()
-        q = fe.queues[0]
-        end = fe.mem.main.qva + fe.mem.main.size
-        try:
-            fe.set_vring_num(0, 1)
-            fe.set_vring_base(0, 0)
-            fe.set_vring_addr(0, *_addrs(fe, q, ring, end - RING_BYTES[ring](1)))
-            fe.set_vring_num(0, q.size)
-            fe.set_vring_kick(0, q.kick_fd)
-            fe.set_vring_call(0, q.call_fd)
-            fe.set_vring_enable(0, True)
-            _publish_read(q)  # (a moved avail ring shows nothing, but the kick is enough)
-        except (ConnectionClosed, FrontendTimeout):
-            pass
-        v.expect_closed(fe, f"{ring} ring grown across the end of guest memory")
-    v.finish()
+    _start_with_moved_ring(env, ring, RING_BYTES[ring](1), 1,
+                           f"{ring} ring grown across the end of guest memory")
 
 
 # == inflight state handed over at reconnect ==================================================
@@ -137,63 +126,61 @@ def _attach_with_inflight(env: Harness, queue_size: int, inflight_qsize: int,
         raise
 
 
-def test_inflight_kick_before_ring_address(env: Harness) -> None:
-    """Inflight state to recover, then SET_VRING_KICK before any SET_VRING_ADDR:
-    libvhost-user would read the used index through a NULL ring pointer."""
+def _expect_closed_after(env: Harness, what: str, queue_size: int, inflight_qsize: int,
+                         version: int, steps: Callable[[VhostUserFrontend], None],
+                         inflight_heads: tuple[int, ...] = ()) -> None:
+    """Hand over the inflight region, run ``steps``; the daemon must close the connection."""
     v = Verdict(env)
-    fe, ifd = _attach_with_inflight(env, 64, 64, version=1)
+    fe, ifd = _attach_with_inflight(env, queue_size, inflight_qsize, version, inflight_heads)
     with fe:
         try:
-            q = fe.queues[0]
-            fe.set_vring_num(0, q.size)
-            fe.set_vring_base(0, 0)
-            fe.set_vring_kick(0, q.kick_fd)
-            q.kick()
+            steps(fe)
         except (ConnectionClosed, FrontendTimeout):
             pass
         finally:
             os.close(ifd)
-        v.expect_closed(fe, "SET_VRING_KICK with inflight state and no ring address")
+        v.expect_closed(fe, what)
     v.finish()
+
+
+def test_inflight_kick_before_ring_address(env: Harness) -> None:
+    """Inflight state to recover, then SET_VRING_KICK before any SET_VRING_ADDR:
+    libvhost-user would read the used index through a NULL ring pointer."""
+    def steps(fe: VhostUserFrontend) -> None:
+        q = fe.queues[0]
+        fe.set_vring_num(0, q.size)
+        fe.set_vring_base(0, 0)
+        fe.set_vring_kick(0, q.kick_fd)
+        q.kick()
+
+    _expect_closed_after(env, "SET_VRING_KICK with inflight state and no ring address",
+                         64, 64, 1, steps)
 
 
 def test_inflight_entry_beyond_ring(env: Harness) -> None:
     """An inflight region for 64 entries marking head 40 in flight, and a ring of 8: the head
     would be popped again from descriptor 40 of an 8-entry table."""
-    v = Verdict(env)
-    fe, ifd = _attach_with_inflight(env, 8, 64, version=1, inflight_heads=(40,))
-    with fe:
-        try:
-            fe.start_queue(fe.queues[0])
-            fe.queues[0].kick()
-        except (ConnectionClosed, FrontendTimeout):
-            pass
-        finally:
-            os.close(ifd)
-        v.expect_closed(fe, "inflight head 40 on a ring of 8")
-    v.finish()
+    def steps(fe: VhostUserFrontend) -> None:
+        fe.start_queue(fe.queues[0])
+        fe.queues[0].kick()
+
+    _expect_closed_after(env, "inflight head 40 on a ring of 8", 8, 64, 1, steps,
+                         inflight_heads=(40,))
 
 
 def test_ring_bigger_than_inflight_region(env: Harness) -> None:
     """An inflight region for 8 entries and a ring of 1024, then a request with head 1000:
     libvhost-user would mark entry 1000 of an 8-entry region."""
-    v = Verdict(env)
-    fe, ifd = _attach_with_inflight(env, 1024, 8, version=0)
-    with fe:
-        try:
-            q = fe.queues[0]
-            fe.start_queue(q)
-            hdr, st = q.buffer(blk_header(T_IN, 0)), q.buffer(length=513)
-            q.write_desc(1000, hdr, 16, VRING_DESC_F_NEXT, 1001)
-            q.write_desc(1001, st, 513, VRING_DESC_F_WRITE, 0)
-            q.publish(1000)
-            q.kick()
-        except (ConnectionClosed, FrontendTimeout):
-            pass
-        finally:
-            os.close(ifd)
-        v.expect_closed(fe, "a ring of 1024 over an inflight region of 8")
-    v.finish()
+    def steps(fe: VhostUserFrontend) -> None:
+        q = fe.queues[0]
+        fe.start_queue(q)
+        hdr, st = q.buffer(blk_header(T_IN, 0)), q.buffer(length=513)
+        q.write_desc(1000, hdr, 16, VRING_DESC_F_NEXT, 1001)
+        q.write_desc(1001, st, 513, VRING_DESC_F_WRITE, 0)
+        q.publish(1000)
+        q.kick()
+
+    _expect_closed_after(env, "a ring of 1024 over an inflight region of 8", 1024, 8, 0, steps)
 
 
 def test_inflight_desc_num_rewritten_by_frontend(env: Harness) -> None:
