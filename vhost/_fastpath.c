@@ -868,7 +868,7 @@ static int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out
     for (;;) {
         int n = 0;
         int may_block = !nout && timeout_ms != 0;
-        if (may_block && p->poll_ns && p->cur_poll_ns) {
+        if (may_block && p->poll_ns && p->cur_poll_ns && !pyvu_tls_uring_inflight) {
             uint64_t until = pyvu_now_ns() + p->cur_poll_ns;
             p->polls++;
             do {
