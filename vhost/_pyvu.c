@@ -238,6 +238,29 @@ static const char *pyvu_kick_problem(VuDev *dev, unsigned idx)
     return NULL;
 }
 
+/* An indirect table holds another indirect descriptor. */
+static int pyvu_table_nests(const struct vring_desc *t, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        if (le16toh(t[i].flags) & VRING_DESC_F_INDIRECT) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The same for a table that spans two regions, through a copy.  Rare, and kept out of
+ * pyvu_next_chain_problem so that the per-request path has no 16 KiB stack frame. */
+static __attribute__((noinline)) int pyvu_copied_table_nests(VuDev *dev, uint64_t addr,
+                                                             uint32_t len)
+{
+    struct vring_desc buf[VIRTQUEUE_MAX_SIZE];
+    if (virtqueue_read_indirect_desc(dev, buf, addr, len)) {
+        return 0;                  /* unreadable: libvhost-user reports it */
+    }
+    return pyvu_table_nests(buf, len / sizeof(struct vring_desc));
+}
+
 /*
  * Before each pop from the avail ring: look at the next chain's head for what libvhost-user
  * accepts but the virtio spec forbids: an indirect table that is empty (libvhost-user reads its
@@ -246,13 +269,13 @@ static const char *pyvu_kick_problem(VuDev *dev, unsigned idx)
  */
 static const char *pyvu_next_chain_problem(VuDev *dev, VuVirtq *vq)
 {
-    struct vring_desc buf[VIRTQUEUE_MAX_SIZE];
     unsigned num = vq->vring.num;
     uint16_t avail_idx = le16toh(__atomic_load_n(&vq->vring.avail->idx, __ATOMIC_ACQUIRE));
     struct vring_desc *t;
     uint64_t addr, rlen;
     uint32_t len;
     unsigned head;
+    int nests;
 
     if (avail_idx == vq->last_avail_idx || (vq->resubmit_list && vq->resubmit_num)) {
         return NULL;
@@ -266,23 +289,18 @@ static const char *pyvu_next_chain_problem(VuDev *dev, VuVirtq *vq)
     if (len == 0) {
         return "empty indirect descriptor table";
     }
-    if (len % sizeof(struct vring_desc) || len > sizeof(buf)) {
-        return NULL;
+    if (len % sizeof(struct vring_desc) ||
+        len > VIRTQUEUE_MAX_SIZE * sizeof(struct vring_desc)) {
+        return NULL;               /* libvhost-user reports these */
     }
     rlen = len;
     t = vu_gpa_to_va(dev, &rlen, addr);
-    if (t && rlen != len) {        /* the table spans two regions: read a copy */
-        t = virtqueue_read_indirect_desc(dev, buf, addr, len) ? NULL : buf;
-    }
     if (!t) {
         return NULL;
     }
-    for (unsigned i = 0; i < len / sizeof(struct vring_desc); i++) {
-        if (le16toh(t[i].flags) & VRING_DESC_F_INDIRECT) {
-            return "nested indirect descriptor";
-        }
-    }
-    return NULL;
+    nests = rlen == len ? pyvu_table_nests(t, len / sizeof(struct vring_desc))
+                        : pyvu_copied_table_nests(dev, addr, len);
+    return nests ? "nested indirect descriptor" : NULL;
 }
 
 /* The protocol features libvhost-user offers, plus the device's own. */
