@@ -230,9 +230,17 @@ static int pyvu_poller_add_py(struct pyvu_poller *p, int fd)
     return epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
 }
 
+/*
+ * An epoll entry's data is a Python fd (a small number) or a C handler tagged with
+ * PYVU_EP_CHANDLER.  The tag, not the value's size, tells them apart: with a non-PIE Python
+ * (Debian's /usr/bin/python3) the heap, and so a handler, can sit below 4 GiB.
+ */
+#define PYVU_EP_CHANDLER  (1ULL << 63)
+
 static int pyvu_poller_add_c(struct pyvu_poller *p, int fd, struct pyvu_chandler *h)
 {
-    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = h };
+    struct epoll_event ev = { .events = EPOLLIN,
+                              .data.u64 = PYVU_EP_CHANDLER | (uint64_t)(uintptr_t)h };
     return epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
 }
 
@@ -893,10 +901,11 @@ static int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out
         }
         for (int i = 0; i < n; i++) {
             uint64_t u = ev[i].data.u64;
-            if (u <= 0xffffffffull) {
-                pyvu_emit(out, &nout, max, u);
+            if (u & PYVU_EP_CHANDLER) {
+                pyvu_handle_c((struct pyvu_chandler *)(uintptr_t)(u & ~PYVU_EP_CHANDLER),
+                              out, &nout, max);
             } else {
-                pyvu_handle_c(ev[i].data.ptr, out, &nout, max);
+                pyvu_emit(out, &nout, max, u);
             }
         }
         if (nout || n == 0 || timeout_ms == 0) {
