@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+. scripts/venv.sh
 IMAGE=${IMAGE:-$PWD/pyvhost-blk-disk.img}
 SOCK=${SOCK:-/tmp/pyvhost-blk.sock}
 QUEUES=${QUEUES:-1}
@@ -37,6 +38,6 @@ virtualization where KVM guests hang at boot, use -accel tcg alone):
     -device vhost-user-blk-pci,chardev=c0,num-queues=$QUEUES
 
 EOT
-exec pyvhost-blk \
+exec "$VENV/bin/pyvhost-blk" \
     --blockdev "driver=file,node-name=disk0,filename=$IMAGE,aio=io_uring" \
     --export "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES"

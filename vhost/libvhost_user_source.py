@@ -70,7 +70,23 @@ def _extract(orig_tarball: Path, dest: Path) -> None:
             ):
                 member.name = parts[1]
                 wanted.append(member)
-        tar.extractall(tmp, members=wanted, filter="tar")
+        # Extraction filters came in Python 3.11.4; Debian bookworm's Python is 3.11.2.  Without
+        # them, refuse what the "tar" filter would: absolute names, links leaving the tree.
+        if hasattr(tarfile, "tar_filter"):
+            tar.extractall(tmp, members=wanted, filter="tar")
+        else:
+            root = str(tmp) + os.sep
+            for m in wanted:
+                target = os.path.normpath(os.path.join(tmp, m.name))
+                link = ""
+                if m.issym():
+                    link = os.path.normpath(os.path.join(os.path.dirname(target), m.linkname))
+                elif m.islnk():
+                    link = os.path.normpath(os.path.join(tmp, m.linkname))
+                if (os.path.isabs(m.name) or not target.startswith(root)
+                        or (link and (os.path.isabs(m.linkname) or not link.startswith(root)))):
+                    raise SourceUnavailable(f"{orig_tarball}: unsafe member {m.name!r}")
+            tar.extractall(tmp, members=wanted)
     if not _tree_ok(tmp):
         raise SourceUnavailable(f"{orig_tarball} has no libvhost-user. {INSTALL_HINT}")
     shutil.rmtree(dest, ignore_errors=True)
