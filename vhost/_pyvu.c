@@ -330,7 +330,8 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
     }
     switch (m->request) {
     case VHOST_USER_NONE:
-        return NULL;                              /* process_msg turns it into a disconnect */
+        /* Not a message: libvhost-user would exit(0) on it.  Refused (its fds closed). */
+        return "request 0 (VHOST_USER_NONE) is not a message";
     case VHOST_USER_GET_FEATURES:
     case VHOST_USER_GET_PROTOCOL_FEATURES:
     case VHOST_USER_SET_OWNER:
@@ -540,7 +541,6 @@ static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
         goto fail;
     }
     if ((size_t)rc < VHOST_USER_HDR_SIZE) {
-        rc += 0;
         if (pyvu_read_full(sock, (char *)vmsg + rc, VHOST_USER_HDR_SIZE - rc) < 0) {
             d->bad_msg = 1;
             snprintf(d->why, sizeof(d->why), "short message header");
@@ -555,15 +555,15 @@ static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
     }
     if (vmsg->size && pyvu_read_full(sock, &vmsg->payload, vmsg->size) < 0) {
         d->bad_msg = 1;
-        snprintf(d->why, sizeof(d->why), "short payload (request %d, size %u)",
-                 vmsg->request, vmsg->size);
+        snprintf(d->why, sizeof(d->why), "short payload (request %u, size %u)",
+                 (unsigned)vmsg->request, vmsg->size);
         goto fail;
     }
     {
         const char *why = pyvu_validate_msg(dev, vmsg);
         if (why) {
             d->bad_msg = 1;
-            snprintf(d->why, sizeof(d->why), "request %d: %s", vmsg->request, why);
+            snprintf(d->why, sizeof(d->why), "request %u: %s", (unsigned)vmsg->request, why);
             goto fail;
         }
     }

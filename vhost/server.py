@@ -65,6 +65,9 @@ MAX_PAYLOAD = 272  # sizeof(VhostUserMsg.payload): larger sizes are refused by p
 PARTIAL_TIMEOUT = 5.0  # seconds a frontend may take to finish sending one message
 PARTIAL_RETRY = 0.01
 VHOST_USER_MAX_CONFIG_SIZE = 256
+# _peek_request's answer while a message is still arriving: a sentinel, never a request code
+# (any 32-bit value is one a frontend can send).
+_INCOMPLETE = object()
 
 # Requests that never touch guest memory mappings or stop a ring: no need to wait for in-flight
 # requests before letting libvhost-user handle them (the exclusive lock still applies).
@@ -313,20 +316,21 @@ class VuConnection:
         return sum(q.in_flight for q in self.queues)
 
     # -- message dispatch -------------------------------------------------------------------
-    def _peek_request(self) -> int | None:
-        """The next message's request code without consuming it, once the whole message is in
-        the socket buffer (libvhost-user then reads it without blocking the main loop).
-        None on EOF/error, -1 while the message is incomplete."""
+    def _peek_request(self) -> int | object | None:
+        """The next message's request code (unsigned, as on the wire) without consuming it,
+        once the whole message is in the socket buffer (libvhost-user then reads it without
+        blocking the main loop).  None on EOF/error, _INCOMPLETE while the message is not all
+        there yet."""
         try:
             hdr = self.sock.recv(VHOST_USER_HDR_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return -1
+            return _INCOMPLETE
         except OSError:
             return None
         if not hdr:
             return None
         if len(hdr) == VHOST_USER_HDR_SIZE:
-            request, _flags, size = struct.unpack("<iII", hdr)
+            request, _flags, size = struct.unpack("<III", hdr)
             if size > MAX_PAYLOAD:
                 return request  # pyvu_read_msg refuses it from the header alone
             avail = array.array("i", [0])
@@ -343,7 +347,7 @@ class VuConnection:
         for _fd, ev in p.poll(0):
             if ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                 return None
-        return -1
+        return _INCOMPLETE
 
     def _wait_for_rest(self) -> None:
         """An incomplete message: stop watching the socket (it stays readable, so watching it
@@ -375,7 +379,7 @@ class VuConnection:
         if req is None:
             self.close("frontend disconnected")
             return
-        if req == -1:
+        if req is _INCOMPLETE:
             self._wait_for_rest()
             return
         need_quiesce = req not in _NO_QUIESCE
