@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-INSTALL_HINT = "run 'sudo scripts/install-deps.sh && pip install -e .[test]' from the repository"
+INSTALL_HINT = "run 'scripts/setup.sh' from the repository (it makes .venv), then use .venv/bin"
 
 
 def pyvhost_blk_cmd() -> list[str]:

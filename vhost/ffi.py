@@ -13,7 +13,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(
         "pyvhost-blk's C extension (vhost._vhost_user) is not built: run "
-        "'pip install -e .' (after 'sudo scripts/install-deps.sh')"
+        "'scripts/setup.sh' (it builds it into the project's .venv)"
     ) from e
 
 __all__ = ["ffi", "lib", "check_errno", "VhostError"]

@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - reported as a test failure by require_qmp_lib()
     QEMUMonitorProtocol = None  # type: ignore[assignment,misc]
 
-INSTALL_HINT = "run scripts/install-deps.sh (as root) and 'pip install -e .[test]'"
+INSTALL_HINT = "run scripts/setup.sh (as root: apt packages, then the project's .venv)"
 
 
 class QmpCommandError(RuntimeError):

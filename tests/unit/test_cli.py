@@ -471,7 +471,7 @@ def _script() -> str:
     if os.access(cand, os.X_OK):
         return cand
     found = shutil.which("pyvhost-blk")
-    assert found, "the pyvhost-blk console script is not installed (pip install -e .)"
+    assert found, "the pyvhost-blk console script is not installed (run scripts/setup.sh)"
     return found
 
 

@@ -1,0 +1,1 @@
+"""Operations: packaging, systemd, metrics and logs, libvirt."""
