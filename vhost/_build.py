@@ -201,6 +201,7 @@ struct pyvu_fastq {
     int nbatch;
     ...;
 };
+int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply);
 void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
                      struct pyvu_blkstate *b);
 void pyvu_fastq_process(struct pyvu_fastq *q);
@@ -217,7 +218,6 @@ extern "Python" uint64_t pyvu_cb_get_features(VuDev *);
 extern "Python" void pyvu_cb_set_features(VuDev *, uint64_t);
 extern "Python" uint64_t pyvu_cb_get_protocol_features(VuDev *);
 extern "Python" void pyvu_cb_set_protocol_features(VuDev *, uint64_t);
-extern "Python" int pyvu_cb_process_msg(VuDev *, VhostUserMsg *, int *);
 extern "Python" void pyvu_cb_queue_set_started(VuDev *, int, bool);
 extern "Python" int pyvu_cb_get_config(VuDev *, uint8_t *, uint32_t);
 extern "Python" int pyvu_cb_set_config(VuDev *, const uint8_t *, uint32_t, uint32_t, uint32_t);

@@ -303,7 +303,14 @@ static const char *pyvu_next_chain_problem(VuDev *dev, VuVirtq *vq)
     return nests ? "nested indirect descriptor" : NULL;
 }
 
-/* The protocol features libvhost-user offers, plus the device's own. */
+/*
+ * The protocol features we offer: libvhost-user's, less PAGEFAULT, plus the device's own.
+ * libvhost-user offers PAGEFAULT (postcopy migration) whenever the kernel has userfaultfd,
+ * but postcopy is not served here (the POSTCOPY_* messages are refused), so QEMU must see
+ * that up front and refuse postcopy with its own error instead of losing the disk mid-way.
+ * pyvu_process_msg answers GET_PROTOCOL_FEATURES with this; the validator refuses any
+ * SET_PROTOCOL_FEATURES outside it.
+ */
 static uint64_t pyvu_offered_protocol_features(VuDev *dev)
 {
     uint64_t f = 1ULL << VHOST_USER_PROTOCOL_F_MQ | 1ULL << VHOST_USER_PROTOCOL_F_LOG_SHMFD |
@@ -312,11 +319,35 @@ static uint64_t pyvu_offered_protocol_features(VuDev *dev)
                  1ULL << VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD |
                  1ULL << VHOST_USER_PROTOCOL_F_REPLY_ACK |
                  1ULL << VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
-                 1ULL << VHOST_USER_PROTOCOL_F_PAGEFAULT | 1ULL << VHOST_USER_PROTOCOL_F_CONFIG;
+                 1ULL << VHOST_USER_PROTOCOL_F_CONFIG;
     if (dev->iface->get_protocol_features) {
         f |= dev->iface->get_protocol_features(dev);
     }
     return f;
+}
+
+/*
+ * libvhost-user's process_msg hook: messages answered here instead of by libvhost-user.
+ * Main thread, inside vu_dispatch.  Returns 1 if handled (*do_reply: send vmsg back).
+ */
+static int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply)
+{
+    switch (vmsg->request) {
+    case VHOST_USER_GET_PROTOCOL_FEATURES:
+        vmsg->flags = 0;        /* vu_send_reply sets the version and REPLY */
+        vmsg->size = sizeof(vmsg->payload.u64);
+        vmsg->payload.u64 = pyvu_offered_protocol_features(dev);
+        vmsg->fd_num = 0;
+        *do_reply = 1;
+        return 1;
+    case VHOST_USER_NONE:
+        /* Refused by pyvu_read_msg; never let libvhost-user see it (it would exit(0)). */
+        pyvu_from_vu(dev)->eof = 1;
+        *do_reply = 0;
+        return 1;
+    default:
+        return 0;
+    }
 }
 
 static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)

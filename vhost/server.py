@@ -439,13 +439,6 @@ class VuConnection:
         else:
             q.ctx.schedule(q._detach)
 
-    def process_msg(self, request: int) -> bool:
-        """True = handled here (libvhost-user skips it)."""
-        if request == 0:  # VHOST_USER_NONE: libvhost-user would exit(0)
-            self.pdev.eof = 1
-            return True
-        return False
-
     # -- teardown ---------------------------------------------------------------------------
     def close(self, why: str) -> None:
         """Quiesce, wait for in-flight requests, deinit, close; then the server accepts again."""
@@ -728,11 +721,6 @@ def pyvu_cb_set_protocol_features(dev: Any, features: int) -> None:
     pass
 
 
-@ffi.def_extern(onerror=_log_exc("process_msg"))
-def pyvu_cb_process_msg(dev: Any, vmsg: Any, do_reply: Any) -> int:
-    return 1 if _conn(dev).process_msg(vmsg.request) else 0
-
-
 @ffi.def_extern(onerror=_log_exc("queue_set_started"))
 def pyvu_cb_queue_set_started(dev: Any, qidx: int, started: bool) -> None:
     _conn(dev).queue_set_started(qidx, started)
@@ -789,7 +777,7 @@ _IFACE = ffi.new(
         "set_features": lib.pyvu_cb_set_features,
         "get_protocol_features": lib.pyvu_cb_get_protocol_features,
         "set_protocol_features": lib.pyvu_cb_set_protocol_features,
-        "process_msg": lib.pyvu_cb_process_msg,
+        "process_msg": lib.pyvu_process_msg,
         "queue_set_started": lib.pyvu_cb_queue_set_started,
         "get_config": lib.pyvu_cb_get_config,
         "set_config": lib.pyvu_cb_set_config,
