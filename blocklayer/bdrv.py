@@ -4,6 +4,10 @@ Theory of operation
 -------------------
 A driver is a handful of callbacks, in nbdkit's spirit: open from options, report the length,
 and do asynchronous read/write/flush.  Capability questions (``can_write``) are separate from I/O.
+A format or filter driver names its children (``child_roles``: ``file``, ``backing``); the node
+links them (``blocklayer/graph.py``: roles, permissions, drain and resize through the graph),
+and the driver reaches them as ``self.bs.children[role]``, doing I/O on them through
+``blocklayer/io.py``.
 
 Every I/O callback is called in some AioContext (``ctx``, the caller's) and must eventually call
 ``cb(ret)`` *in that same context*: ``ret`` is 0 on success or a negative errno.  A driver may
@@ -17,9 +21,10 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from blocklayer.aio import AioContext
+from blocklayer.graph import BdrvChild, bdrv_detach_children
 from blocklayer.iov import IOVector
 
 Completion = Callable[[int], None]
@@ -33,6 +38,16 @@ BDRV_REQ_MAY_UNMAP = 0x4  # write_zeroes may deallocate instead of writing
 BDRV_REQ_FUA = 0x10  # QEMU's flag value: write must be on stable storage before completing
 
 
+class FastPathInfo(NamedTuple):
+    """How the C request path may serve a node (``BlockDriver.fast_path_info``)."""
+
+    kind: int = DRV_NONE  # DRV_*: DRV_NONE keeps every request in Python
+    fd: int = -1  # DRV_FILE / DRV_FILE_LAIO: the image's fd
+    read_zeroes: bool = False  # DRV_NULL
+    no_flush: bool = False
+    offset: int = 0  # added to every request's offset (a raw node's ``offset``)
+
+
 class BlockDriverError(Exception):
     """Opening a node failed; ``str(e)`` is the one line the user sees."""
 
@@ -43,9 +58,22 @@ class BlockDriver:
     format_name = ""
     #: option name -> converter(value, name) (keyval strings or JSON values)
     options: dict[str, Callable[[Any, str], Any]] = {}
+    #: child role -> required (a node-name reference or inline options: ``file.driver=...``)
+    child_roles: dict[str, bool] = {}
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         self.node_name = node_name
+        self.bs: BlockDriverState | None = None  # set by the node that owns the driver
+
+    def attach(self, bs: BlockDriverState) -> None:
+        """The node exists and its children are linked (``bs.children``): check what needs
+        them (e.g. sizes).  Raise BlockDriverError to refuse the node."""
+        self.bs = bs
+
+    def child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:
+        """What the node needs on child ``role`` and lets others do there, given what the
+        node's own parents hold.  Default (formats, filters): the same."""
+        return perm, shared
 
     def getlength(self) -> int:
         raise NotImplementedError
@@ -74,10 +102,10 @@ class BlockDriver:
         """Make a range read as zeroes; BDRV_REQ_MAY_UNMAP allows deallocating it."""
         cb(-errno.ENOTSUP)
 
-    def fast_path_info(self) -> tuple[int, int, bool, bool]:
-        """(kind, fd, read_zeroes, no_flush) for the C request path: kind DRV_NONE (0) keeps
-        every request in Python, DRV_NULL (1) or DRV_FILE (2: served with io_uring on fd)."""
-        return (DRV_NONE, -1, False, False)
+    def fast_path_info(self) -> FastPathInfo:
+        """Whether and how the C request path may serve this node (see FastPathInfo).  A
+        driver that says nothing is served in Python, so a new driver is always correct."""
+        return FastPathInfo()
 
     def set_perm(self, perm: int, shared: int) -> None:
         """The node's users now hold ``perm`` and share ``shared`` (QEMU's BLK_PERM_* bits).
@@ -106,7 +134,10 @@ class BlockDriverState:
         self.detect_zeroes = detect_zeroes
         self.refcnt = 1
         self.quiesce_counter = 0
-        self.parents: list[Any] = []  # BlockBackends attached to this node
+        #: who uses this node: BlockBackends (role 'root') and BdrvChild links of other nodes
+        self.parents: list[Any] = []
+        self.children: dict[str, BdrvChild] = {}  # role -> link
+        drv.bs = self
 
     def bdrv_getlength(self) -> int:
         return self.drv.getlength()
@@ -114,18 +145,31 @@ class BlockDriverState:
     def bdrv_is_read_only(self) -> bool:
         return self.read_only
 
+    @property
+    def filename(self) -> str:
+        """The image's file name: the driver's own, else its primary child's (as QEMU's
+        ``bs->filename`` of a format node is its protocol node's)."""
+        own = getattr(self.drv, "filename", "")
+        if own:
+            return own
+        c = self.children.get("file")
+        return c.bs.filename if c is not None else ""
+
     def to_dict(self) -> dict[str, Any]:
-        """The main fields of QMP's BlockDeviceInfo (query-named-block-nodes)."""
+        """The main fields of QMP's BlockDeviceInfo (query-named-block-nodes), with its
+        ``children`` as in QEMU 8.0+."""
         return {
             "node-name": self.node_name,
             "drv": self.drv.format_name,
             "ro": self.read_only,
-            "file": getattr(self.drv, "filename", ""),
+            "file": self.filename,
+            "children": [{"child": c.role, "node-name": c.bs.node_name}
+                         for c in self.children.values()],
             "encrypted": False,
             "detect_zeroes": self.detect_zeroes,
             "write_threshold": 0,
             "image": {"virtual-size": self.bdrv_getlength(),
-                      "filename": getattr(self.drv, "filename", ""),
+                      "filename": self.filename,
                       "format": self.drv.format_name},
             "cache": {"writeback": True, "direct": bool(getattr(self.drv, "direct", False)),
                       "no-flush": bool(getattr(self.drv, "no_flush", False))},
@@ -134,8 +178,8 @@ class BlockDriverState:
 
 
 # -- drain, resize, media: the node side of BdrvChild callbacks ---------------------------
-# A node's parents are BlockBackends; they implement root_drained_begin/end/poll,
-# root_resize and root_change_media (block-backend.c's child_root class).
+# A node's parents (BlockBackends, BdrvChild links of other nodes) implement
+# root_drained_begin/end/poll, root_resize and root_change_media (QEMU's BdrvChildClass).
 
 def bdrv_drained_begin(bs: BlockDriverState) -> None:
     """Main thread: quiesce every parent (they stop submitting new requests)."""
@@ -185,6 +229,16 @@ def bdrv_register(cls: type[BlockDriver]) -> type[BlockDriver]:
     return cls
 
 
+_anon_counter = 0
+
+
+def bdrv_anon_name() -> str:
+    """A new '#blockN' node-name, as QEMU names nodes the user did not name."""
+    global _anon_counter
+    _anon_counter += 1
+    return f"#block{_anon_counter}"
+
+
 def bdrv_find_node(node_name: str) -> BlockDriverState | None:
     return _nodes.get(node_name)
 
@@ -200,3 +254,4 @@ def bdrv_unref(bs: BlockDriverState) -> None:
         bs.drv.close()
         if _nodes.get(bs.node_name) is bs:
             del _nodes[bs.node_name]
+        bdrv_detach_children(bs)

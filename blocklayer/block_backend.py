@@ -48,31 +48,36 @@ from blocklayer.accounting import BlockAcctStats, BlockAcctType
 from blocklayer.aio import AioContext, aio_wait_kick, aio_wait_until, current_aio_context
 from blocklayer.bdrv import (
     BDRV_REQ_FUA,
-    BDRV_REQ_MAY_UNMAP,
     DRV_NONE,
     BlockDriverState,
+    FastPathInfo,
     bdrv_drained_begin,
     bdrv_drained_end,
     bdrv_unref,
 )
 from blocklayer.dev_ops import BlockDevOps
 from blocklayer.events import qapi_event_send
+from blocklayer.graph import (  # noqa: F401 - the permission bits are re-exported
+    BLK_PERM_ALL,
+    BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_RESIZE,
+    BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
+    PERM_NAMES,
+    bdrv_parent_perms,
+    bdrv_refresh_perms,
+)
+from blocklayer.io import (
+    bdrv_aio_flush,
+    bdrv_aio_pdiscard,
+    bdrv_aio_preadv,
+    bdrv_aio_pwrite_zeroes,
+    bdrv_aio_pwritev,
+)
 from blocklayer.iov import IOVector
 from vhost.ffi import ffi, lib
 
 INT_MAX = 2**31 - 1
-
-BLK_PERM_CONSISTENT_READ = 0x01
-BLK_PERM_WRITE = 0x02
-BLK_PERM_WRITE_UNCHANGED = 0x04
-BLK_PERM_RESIZE = 0x08
-BLK_PERM_ALL = 0x0F
-PERM_NAMES = {
-    BLK_PERM_CONSISTENT_READ: "consistent read",
-    BLK_PERM_WRITE: "write",
-    BLK_PERM_WRITE_UNCHANGED: "write unchanged",
-    BLK_PERM_RESIZE: "resize",
-}
 
 Completion = Callable[[int], None]
 
@@ -139,12 +144,12 @@ class BlockBackend:
         c.length = blk_getlength(self) if blk_is_available(self) else -1
         c.wce = int(self.enable_write_cache)
         c.writable = int(bool(self.perm & BLK_PERM_WRITE) and not blk_is_read_only(self))
-        kind, fd, read_zeroes, no_flush = (
-            bs.drv.fast_path_info() if bs is not None else (DRV_NONE, -1, False, False)
-        )
+        info = bs.drv.fast_path_info() if bs is not None else FastPathInfo()
+        kind = info.kind
         if bs is not None and bs.detect_zeroes != "off":
             kind = DRV_NONE  # only Python implements detect-zeroes
-        c.driver, c.fd, c.read_zeroes, c.no_flush = kind, fd, int(read_zeroes), int(no_flush)
+        c.driver, c.fd, c.offset = kind, info.fd, info.offset
+        c.read_zeroes, c.no_flush = int(info.read_zeroes), int(info.no_flush)
 
     @property
     def in_flight(self) -> int:
@@ -152,6 +157,11 @@ class BlockBackend:
         return self.c.in_flight
 
     # -- the BdrvChild side: called by the root node (main thread) ------------------------
+    role = "root"
+
+    def parent_desc(self) -> str:
+        return self.name or "a block device"
+
     def root_drained_begin(self) -> None:
         with self._lock:
             self.quiesce_counter += 1
@@ -225,57 +235,29 @@ def blk_name(blk: BlockBackend) -> str:
     return blk.name
 
 
-def _perm_names(perm: int) -> str:
-    return ", ".join(n for bit, n in PERM_NAMES.items() if perm & bit)
-
-
 def bdrv_check_parent_perms(
     bs: BlockDriverState, new: BlockBackend | None, perm: int, shared: int
 ) -> tuple[int, int]:
     """The node's combined (perm, shared) with ``new`` asking for (perm, shared), or
     PermissionError in QEMU's words if it conflicts with another parent."""
-    total_perm, total_shared = perm, shared
-    for other in bs.parents:
-        if other is new:
-            continue
-        if perm & ~other.shared_perm:
-            raise PermissionError(
-                f"Conflicts with use by {other.name or 'a block device'} as 'root', which does "
-                f"not allow '{_perm_names(perm & ~other.shared_perm)}' on {bs.node_name}"
-            )
-        if other.perm & ~shared:
-            raise PermissionError(
-                f"Conflicts with use by {other.name or 'a block device'} as 'root', which uses "
-                f"'{_perm_names(other.perm & ~shared)}' on {bs.node_name}"
-            )
-        total_perm |= other.perm
-        total_shared &= other.shared_perm
-    return total_perm, total_shared
-
-
-def _bdrv_apply_perms(bs: BlockDriverState, perm: int, shared: int) -> None:
-    if perm & (BLK_PERM_WRITE | BLK_PERM_RESIZE) and (bs.read_only or not bs.drv.can_write()):
-        raise PermissionError(f"Block node '{bs.node_name}' is read-only")
-    bs.drv.set_perm(perm, shared)
+    return bdrv_parent_perms(bs, new, perm, shared)
 
 
 def blk_set_perm(blk: BlockBackend, perm: int, shared_perm: int) -> None:
     """Change the permissions the user of ``blk`` needs/shares; raises PermissionError (and
-    changes nothing) if the node or another user of the image refuses."""
+    changes nothing) if a node of the graph below or another user of the image refuses."""
     bs = blk.root
     if bs is not None:
-        total = bdrv_check_parent_perms(bs, blk, perm, shared_perm)
-        _bdrv_apply_perms(bs, *total)
+        bdrv_refresh_perms(bs, blk, perm, shared_perm)
     blk.perm, blk.shared_perm = perm, shared_perm
     blk.update_c_state()
 
 
 def blk_insert_bs(blk: BlockBackend, bs: BlockDriverState) -> None:
-    """Attach ``bs`` as the root node.  Raises PermissionError if the node, another parent, or
-    another process holding the image cannot grant ``blk``'s permissions."""
+    """Attach ``bs`` as the root node.  Raises PermissionError if a node of the graph below,
+    another parent, or another process holding an image cannot grant ``blk``'s permissions."""
     assert blk.root is None
-    total = bdrv_check_parent_perms(bs, blk, blk.perm, blk.shared_perm)
-    _bdrv_apply_perms(bs, *total)
+    bdrv_refresh_perms(bs, blk, blk.perm, blk.shared_perm)
     bs.refcnt += 1
     bs.parents.append(blk)
     blk.root = bs
@@ -301,8 +283,7 @@ def blk_remove_bs(blk: BlockBackend) -> None:
     bs.parents.remove(blk)
     blk.update_c_state()
     try:
-        perm, shared = bdrv_check_parent_perms(bs, None, 0, BLK_PERM_ALL)
-        bs.drv.set_perm(perm, shared)
+        bdrv_refresh_perms(bs)
     except PermissionError:
         pass  # giving up permissions cannot conflict
     bdrv_unref(bs)
@@ -606,7 +587,7 @@ def blk_aio_preadv(
     _blk_aio(
         blk, BlockAcctType.READ, qiov.size, cb,
         lambda: blk_check_byte_request(blk, offset, qiov.size),
-        lambda acb: blk.root.drv.aio_preadv(acb.ctx, offset, qiov, acb.complete),
+        lambda acb: bdrv_aio_preadv(blk.root, acb.ctx, offset, qiov, acb.complete),
     )
 
 
@@ -618,7 +599,7 @@ def blk_aio_pwritev(
 
     def submit(acb: _Acb) -> None:
         f = flags if blk.enable_write_cache else flags | BDRV_REQ_FUA
-        blk.root.drv.aio_pwritev(acb.ctx, offset, qiov, f, acb.complete)
+        bdrv_aio_pwritev(blk.root, acb.ctx, offset, qiov, f, acb.complete)
 
     _blk_aio(blk, BlockAcctType.WRITE, qiov.size, cb,
              lambda: _check_write(blk, offset, qiov.size), submit)
@@ -629,7 +610,7 @@ def blk_aio_flush(blk: BlockBackend, cb: Completion) -> None:
     _blk_aio(
         blk, BlockAcctType.FLUSH, 0, cb,
         lambda: 0 if blk_is_available(blk) else -errno.ENOMEDIUM,
-        lambda acb: blk.root.drv.aio_flush(acb.ctx, acb.complete),
+        lambda acb: bdrv_aio_flush(blk.root, acb.ctx, acb.complete),
     )
 
 
@@ -638,10 +619,7 @@ def blk_aio_pdiscard(blk: BlockBackend, offset: int, nbytes: int, cb: Completion
     without touching the image."""
 
     def submit(acb: _Acb) -> None:
-        if not blk.root.unmap:
-            acb.complete(0)
-        else:
-            blk.root.drv.aio_pdiscard(acb.ctx, offset, nbytes, acb.complete)
+        bdrv_aio_pdiscard(blk.root, acb.ctx, offset, nbytes, acb.complete)
 
     _blk_aio(blk, BlockAcctType.UNMAP, nbytes, cb,
              lambda: _check_write(blk, offset, nbytes), submit)
@@ -654,44 +632,11 @@ def blk_aio_pwrite_zeroes(
     only on a node with ``discard=unmap``."""
 
     def submit(acb: _Acb) -> None:
-        f = flags if blk.root.unmap else flags & ~BDRV_REQ_MAY_UNMAP
-        if not blk.enable_write_cache:
-            f |= BDRV_REQ_FUA
-        drv = blk.root.drv
-
-        def done(ret: int) -> None:
-            if ret == -errno.ENOTSUP:  # the driver cannot: write a zeroed buffer instead
-                _write_zero_buffers(drv, acb.ctx, offset, nbytes, f & ~BDRV_REQ_MAY_UNMAP,
-                                    acb.complete)
-            else:
-                acb.complete(ret)
-
-        drv.aio_pwrite_zeroes(acb.ctx, offset, nbytes, f, done)
+        f = flags if blk.enable_write_cache else flags | BDRV_REQ_FUA
+        bdrv_aio_pwrite_zeroes(blk.root, acb.ctx, offset, nbytes, f, acb.complete)
 
     _blk_aio(blk, BlockAcctType.WRITE, nbytes, cb,
              lambda: _check_write(blk, offset, nbytes), submit)
-
-
-_ZERO_CHUNK = 1 << 20
-_zeroes = bytearray(_ZERO_CHUNK)  # never written to: drivers only read from it
-
-
-def _write_zero_buffers(drv: Any, ctx: AioContext, offset: int, nbytes: int, flags: int,
-                        cb: Completion) -> None:
-    """bdrv_co_do_pwrite_zeroes' fallback: write zeroes in chunks of at most 1 MiB."""
-    if nbytes == 0:
-        cb(0)
-        return
-    n = min(nbytes, _ZERO_CHUNK)
-    qiov = IOVector.from_buffers([memoryview(_zeroes)[:n]])
-
-    def next_chunk(ret: int) -> None:
-        if ret < 0:
-            cb(ret)
-        else:
-            _write_zero_buffers(drv, ctx, offset + n, nbytes - n, flags, cb)
-
-    drv.aio_pwritev(ctx, offset, qiov, flags, next_chunk)
 
 
 # -- whole-backend operations (main thread) ---------------------------------------------------

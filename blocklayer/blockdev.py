@@ -1,8 +1,14 @@
-"""blockdev_add: build a node from ``--blockdev`` / QMP ``blockdev-add`` options.
+"""blockdev_add: build a node (and the nodes below it) from ``--blockdev`` / QMP
+``blockdev-add`` options.
 
-Options arrive as a tree (keyval strings or typed JSON, see ``pyvhost_blk/keyval.py``); they are
-flattened to dotted names (``cache.direct``), converted by the common option table plus the
-driver's own, and unknown ones are refused with QEMU's wording.
+Options arrive as a tree (keyval strings or typed JSON, see ``pyvhost_blk/keyval.py``).  The
+driver's child roles (``file``, ``backing``) are taken out first: each is either the
+node-name of an existing node (``file=disk0``) or the options of a new one (``file.driver=file,
+file.filename=x.img``), opened first with an automatic ``#blockN`` name unless it names itself,
+and inheriting the parent's ``read-only`` and ``cache.*`` (and ``discard=unmap``, as QEMU's
+format layers decide what reaches the file).  The rest is flattened to dotted names
+(``cache.direct``), converted by the common option table plus the driver's own, and unknown
+ones are refused with QEMU's wording.  If anything fails, the nodes opened for it are closed.
 """
 
 from __future__ import annotations
@@ -14,8 +20,18 @@ from typing import Any
 import blocklayer.drivers.file  # noqa: F401
 import blocklayer.drivers.memory  # noqa: F401
 import blocklayer.drivers.null  # noqa: F401
-from blocklayer.bdrv import BlockDriverError, BlockDriverState, _drivers, _nodes
+import blocklayer.drivers.raw  # noqa: F401
+from blocklayer.bdrv import (
+    BlockDriverError,
+    BlockDriverState,
+    _drivers,
+    _nodes,
+    bdrv_anon_name,
+    bdrv_find_node,
+    bdrv_unref,
+)
 from blocklayer.blockdev_options import enum_of
+from blocklayer.graph import bdrv_attach_child
 from pyvhost_blk.keyval import KeyvalError, to_bool, to_str
 
 COMMON_OPTIONS = {
@@ -44,20 +60,77 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Options an inline child takes from its parent unless it sets them itself (QEMU's
+# bdrv_inherited_options), and the defaults a format's child gets.
+_INHERITED = ("read-only", "auto-read-only", "force-share", "cache.direct", "cache.no-flush")
+_CHILD_DEFAULTS = {"discard": "unmap"}
+
+
+def _child_tree(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    tree = dict(child)
+    flat_child = flatten(child)
+    for name in _INHERITED:
+        if name in parent and name not in flat_child:
+            head, _, tail = name.partition(".")
+            if tail:
+                tree[head] = {**tree.get(head, {}), tail: parent[name]}
+            else:
+                tree[name] = parent[name]
+    for name, value in _CHILD_DEFAULTS.items():
+        tree.setdefault(name, value)
+    return tree
+
+
+def _open_children(cls: type, tree: dict[str, Any], flat_parent: dict[str, Any],
+                   from_json: bool) -> dict[str, BlockDriverState]:
+    """Open or look up the nodes the driver's child roles name.  On failure, closes what it
+    opened and raises."""
+    children: dict[str, BlockDriverState] = {}
+    try:
+        for role, required in cls.child_roles.items():
+            spec = tree.pop(role, None)
+            if spec is None:
+                if required:
+                    raise KeyvalError(f'A block device must be specified for "{role}"')
+                continue
+            if isinstance(spec, dict):
+                sub = _child_tree(flat_parent, spec)
+                internal = "node-name" not in sub
+                if internal:
+                    sub["node-name"] = bdrv_anon_name()
+                children[role] = blockdev_add(sub, from_json, internal=internal)
+            else:
+                name = to_str(spec, role, from_json=from_json)
+                bs = bdrv_find_node(name)
+                if bs is None:
+                    raise BlockDriverError(
+                        f"Cannot find device='' nor node-name='{name}'")
+                bs.refcnt += 1  # held while the parent opens
+                children[role] = bs
+    except BaseException:
+        for bs in children.values():
+            bdrv_unref(bs)
+        raise
+    return children
+
+
 def blockdev_add(tree: dict[str, Any], from_json: bool = False,
                  internal: bool = False) -> BlockDriverState:
-    """Open a node and register it under its node-name.  Main thread.
+    """Open a node, and the new nodes its child options describe, and register them under
+    their node-names.  Main thread.
 
     Raises KeyvalError / BlockDriverError with the one line a user should see."""
-    flat = flatten(tree)
-    if "driver" not in flat:
+    if "driver" not in tree:
         raise KeyvalError("Parameter 'driver' is missing")
-    driver = to_str(flat["driver"], "driver", from_json=from_json)
+    driver = to_str(tree["driver"], "driver", from_json=from_json)
     cls = _drivers.get(driver)
     if cls is None:
         raise KeyvalError(f"Parameter 'driver' does not accept value '{driver}'")
-    if "node-name" not in flat:
+    if "node-name" not in tree:
         raise KeyvalError("Parameter 'node-name' is missing")
+    tree = dict(tree)
+    roles = {r: tree.pop(r) for r in cls.child_roles if r in tree}
+    flat = flatten(tree)
     table = {**COMMON_OPTIONS, **cls.options}
     opts: dict[str, Any] = {}
     for name, value in flat.items():
@@ -66,16 +139,30 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False,
             raise KeyvalError(f"Parameter '{name}' is unexpected")
         opts[name] = conv(value, name, from_json=from_json)
     node_name = opts["node-name"]
-    # Internal nodes (blockdev-change-medium's) are named '#blockN', like QEMU's anonymous
-    # nodes: a name no user can give.
+    # Internal nodes (inline children, blockdev-change-medium's) are named '#blockN', like
+    # QEMU's anonymous nodes: a name no user can give.
     if not (internal and node_name.startswith("#")) and not _NODE_NAME.match(node_name):
         raise KeyvalError(f"Invalid node-name: '{node_name}'")
     if node_name in _nodes:
         raise BlockDriverError(f"Duplicate nodes with node-name='{node_name}'")
-    drv = cls(node_name, opts)
-    bs = BlockDriverState(
-        node_name, drv, read_only=opts.get("read-only", False),
-        discard=opts.get("discard", "ignore"), detect_zeroes=opts.get("detect-zeroes", "off"),
-    )
+    children = _open_children(cls, roles, flat, from_json)
+    try:
+        drv = cls(node_name, opts)
+        bs = BlockDriverState(
+            node_name, drv, read_only=opts.get("read-only", False),
+            discard=opts.get("discard", "ignore"),
+            detect_zeroes=opts.get("detect-zeroes", "off"),
+        )
+        for role, child in children.items():
+            bdrv_attach_child(bs, role, child)
+        drv.attach(bs)
+    except BaseException:
+        if "bs" in locals():
+            bdrv_unref(bs)  # closes the driver, detaches (and unrefs) the children
+        for child in children.values():
+            bdrv_unref(child)  # the references held while opening
+        raise
+    for child in children.values():
+        bdrv_unref(child)  # the parent's links hold them now
     _nodes[node_name] = bs
     return bs

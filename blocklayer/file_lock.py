@@ -73,23 +73,27 @@ import logging
 import os
 import struct
 
+from blocklayer.graph import (  # noqa: F401 - perm_names is part of this module's API
+    BLK_PERM_ALL,
+    BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_RESIZE,
+    BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
+    PERM_NAMES,
+    perm_names,
+)
+
 log = logging.getLogger("pyvhost_blk.file_lock")
 
-PERM_CONSISTENT_READ = 0x01
-PERM_WRITE = 0x02
-PERM_WRITE_UNCHANGED = 0x04
-PERM_RESIZE = 0x08
-LOCK_PERM_ALL = 0x0F  # QEMU 7.2's BLK_PERM_ALL: the bits that have lock bytes
+# The permission bits are the block graph's (one definition, blocklayer/graph.py).
+PERM_CONSISTENT_READ = BLK_PERM_CONSISTENT_READ
+PERM_WRITE = BLK_PERM_WRITE
+PERM_WRITE_UNCHANGED = BLK_PERM_WRITE_UNCHANGED
+PERM_RESIZE = BLK_PERM_RESIZE
+LOCK_PERM_ALL = BLK_PERM_ALL  # QEMU 7.2's BLK_PERM_ALL: the bits that have lock bytes
 
 RAW_LOCK_PERM_BASE = 100
 RAW_LOCK_SHARED_BASE = 200
-
-PERM_NAMES = {
-    PERM_CONSISTENT_READ: "consistent read",
-    PERM_WRITE: "write",
-    PERM_WRITE_UNCHANGED: "write unchanged",
-    PERM_RESIZE: "resize",
-}
 
 _BITS = tuple(1 << i for i in range(LOCK_PERM_ALL.bit_length()))
 
@@ -104,11 +108,6 @@ _OFD_FALLBACK_WARNING = (
 )
 
 _has_ofd: bool | None = None
-
-
-def perm_names(perm: int) -> str:
-    """QEMU's ``bdrv_perm_names``: the names of the bits in ``perm``, comma-separated."""
-    return ", ".join(name for bit, name in PERM_NAMES.items() if perm & bit)
 
 
 def ofd_lock_available() -> bool:

@@ -13,7 +13,6 @@ Extensions (not in QEMU for exports): the tray commands address an export create
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from blocklayer.aio import qemu_get_aio_context
 from blocklayer.bdrv import (
     BlockDriverError,
+    bdrv_anon_name,
     bdrv_drained,
     bdrv_drained_end,
     bdrv_find_node,
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from pyvhost_blk.daemon import Daemon
 
 Complete = Callable[[Any], None]
-_anon = itertools.count()
 
 
 class BlockCommands:
@@ -100,7 +99,7 @@ class BlockCommands:
 
     def query_named_block_nodes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         args_check(args, optional=("flat",))
-        return [bs.to_dict() for bs in bdrv_nodes() if not bs.node_name.startswith("#")]
+        return [bs.to_dict() for bs in bdrv_nodes()]
 
     def query_blockstats(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         args_check(args, optional=("query-nodes",))
@@ -143,8 +142,14 @@ class BlockCommands:
         bs = bdrv_find_node(name)
         if bs is None:
             raise QmpError("GenericError", f"Failed to find node with node-name='{name}'")
-        if bs.parents:
+        # QEMU's qmp_blockdev_del, in its order: a device uses it; it was not added by the
+        # monitor (an inline child, a medium's node); another node uses it.
+        if any(isinstance(p, BlockBackend) for p in bs.parents):
             raise QmpError("GenericError", f"Node {name} is in use")
+        if name.startswith("#"):
+            raise QmpError("GenericError", f"Node {name} is not owned by the monitor")
+        if bs.parents:
+            raise QmpError("GenericError", f"Block device {name} is in use")
         bdrv_unref(bs)
 
     # -- exports -------------------------------------------------------------------------------
@@ -320,7 +325,7 @@ class BlockCommands:
         read_only = {"retain": not exp.writable, "read-only": True,
                      "read-write": False}[ro_mode]
         try:
-            bs = blockdev_add({"driver": "file", "node-name": f"#block{next(_anon)}",
+            bs = blockdev_add({"driver": "file", "node-name": bdrv_anon_name(),
                                "filename": filename, "read-only": read_only}, from_json=True,
                               internal=True)
         except (KeyvalError, BlockDriverError) as e:

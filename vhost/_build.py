@@ -158,6 +158,7 @@ struct pyvu_blkstate {
     int writable;
     int driver;
     int fd;
+    int64_t offset;
     int read_zeroes;
     int no_flush;
     uint32_t lbs;

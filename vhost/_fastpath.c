@@ -97,6 +97,7 @@ struct pyvu_blkstate {
     int writable;
     int driver;                 /* DRV_* */
     int fd;                     /* file driver: the image fd */
+    int64_t offset;             /* added to every request's offset (a raw node's offset=) */
     int read_zeroes;            /* null-co */
     int no_flush;
     uint32_t lbs;               /* logical block size */
@@ -569,7 +570,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         pyvu_req_complete(r, VBLK_S_IOERR);
         return 1;
     }
-    r->offset = sector << 9;
+    r->offset = (sector << 9) + (uint64_t)b->offset;
     r->start_ns = pyvu_now_ns();
     pyvu_blk_in_flight_add(b, 1);
     if (b->driver == DRV_PYBATCH) {

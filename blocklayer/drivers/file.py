@@ -21,10 +21,10 @@ from blocklayer.bdrv import (
     BDRV_REQ_MAY_UNMAP,
     DRV_FILE,
     DRV_FILE_LAIO,
-    DRV_NONE,
     BlockDriver,
     BlockDriverError,
     Completion,
+    FastPathInfo,
     bdrv_register,
 )
 from blocklayer.blockdev_options import enum_of
@@ -178,11 +178,11 @@ class FileDriver(BlockDriver):
 
         thread_pool_submit_aio(ctx, lambda: _write_zeroes(fd, offset, nbytes, unmap), done)
 
-    def fast_path_info(self) -> tuple[int, int, bool, bool]:
+    def fast_path_info(self) -> FastPathInfo:
         if self.aio == "threads":
-            return (DRV_NONE, -1, False, False)  # the user chose the thread pool
+            return FastPathInfo()  # the user chose the thread pool
         kind = DRV_FILE_LAIO if self.aio == "native" else DRV_FILE
-        return (kind, self.fd, False, bool(self.no_flush))
+        return FastPathInfo(kind, self.fd, no_flush=bool(self.no_flush))
 
     def set_perm(self, perm: int, shared: int) -> None:
         """Lock the image as QEMU's file-posix does (bytes 100+/200+); PermissionError with

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from blocklayer.aio import AioContext
-from blocklayer.bdrv import DRV_PYBATCH, BlockDriver, Completion, bdrv_register
+from blocklayer.bdrv import DRV_PYBATCH, BlockDriver, Completion, FastPathInfo, bdrv_register
 from blocklayer.iov import IOVector
 from pyvhost_blk.keyval import to_size
 from vhost.ffi import ffi, lib
@@ -58,8 +58,8 @@ class MemoryDriver(BlockDriver):
     def getlength(self) -> int:
         return len(self.data)
 
-    def fast_path_info(self) -> tuple[int, int, bool, bool]:
-        return (DRV_PYBATCH, -1, False, True)
+    def fast_path_info(self) -> FastPathInfo:
+        return FastPathInfo(DRV_PYBATCH, no_flush=True)
 
     def truncate(self, size: int) -> None:
         self._resize(size)

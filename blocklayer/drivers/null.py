@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from blocklayer.aio import AioContext
-from blocklayer.bdrv import DRV_NULL, BlockDriver, Completion, bdrv_register
+from blocklayer.bdrv import DRV_NULL, BlockDriver, Completion, FastPathInfo, bdrv_register
 from blocklayer.iov import IOVector
 from pyvhost_blk.keyval import to_bool, to_int, to_size
 
@@ -28,8 +28,8 @@ class NullDriver(BlockDriver):
     def getlength(self) -> int:
         return self.size
 
-    def fast_path_info(self) -> tuple[int, int, bool, bool]:
-        return (DRV_NULL, -1, bool(self.read_zeroes), True)
+    def fast_path_info(self) -> FastPathInfo:
+        return FastPathInfo(DRV_NULL, read_zeroes=bool(self.read_zeroes), no_flush=True)
 
     def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
         if self.read_zeroes:

@@ -530,7 +530,8 @@ def test_qemu_qmp_library(env):
     try:
         import qemu.qmp as qmp
     except ImportError:
-        pytest.fail("qemu.qmp is not installed: run scripts/setup.sh (installs the test extra into .venv)", pytrace=False)
+        pytest.fail("qemu.qmp is not installed: run scripts/setup.sh (it installs the test "
+                    "extra into .venv)", pytrace=False)
     path = env.monitor()
 
     async def session() -> tuple[Any, Any, Any]:
