@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from blocklayer.aio import AioContext
 from blocklayer.graph import BdrvChild, bdrv_detach_children
 from blocklayer.iov import IOVector
+from blocklayer.rmw import RmwTracker
 
 Completion = Callable[[int], None]
 
@@ -69,6 +70,12 @@ class BlockDriver:
         """The node exists and its children are linked (``bs.children``): check what needs
         them (e.g. sizes).  Raise BlockDriverError to refuse the node."""
         self.bs = bs
+
+    def limits(self) -> tuple[int, int]:
+        """(request alignment, memory alignment) in bytes that the driver's I/O needs: a file
+        opened with O_DIRECT probes them (QEMU's raw_probe_alignment); (1, 1) is "any".
+        ``blocklayer/io.py`` pads and bounces other requests so drivers never see them."""
+        return 1, 1
 
     def child_perm(self, role: str, perm: int, shared: int) -> tuple[int, int]:
         """What the node needs on child ``role`` and lets others do there, given what the
@@ -138,6 +145,11 @@ class BlockDriverState:
         self.parents: list[Any] = []
         self.children: dict[str, BdrvChild] = {}  # role -> link
         drv.bs = self
+        #: QEMU's bs->bl.request_alignment / min_mem_alignment (bdrv_refresh_limits)
+        self.request_alignment = 1
+        self.mem_alignment = 1
+        #: serialising read-modify-write ranges of requests padded to request_alignment
+        self.rmw = RmwTracker()
 
     def bdrv_getlength(self) -> int:
         return self.drv.getlength()
@@ -217,6 +229,15 @@ def bdrv_truncate(bs: BlockDriverState, size: int) -> None:
     bs.drv.truncate(size)
     for parent in list(bs.parents):
         parent.root_resize()
+
+
+def bdrv_refresh_limits(bs: BlockDriverState) -> None:
+    """Main thread, after open: the node's alignments are its driver's, and at least its
+    children's (a format passes requests down; padding once at the top saves padding twice)."""
+    req, mem = bs.drv.limits()
+    for c in bs.children.values():
+        req, mem = max(req, c.bs.request_alignment), max(mem, c.bs.mem_alignment)
+    bs.request_alignment, bs.mem_alignment = req, mem
 
 
 _drivers: dict[str, type[BlockDriver]] = {}

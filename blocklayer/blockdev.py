@@ -18,6 +18,7 @@ from typing import Any
 
 # Importing the drivers registers them.
 import blocklayer.drivers.file  # noqa: F401
+import blocklayer.drivers.host_device  # noqa: F401
 import blocklayer.drivers.memory  # noqa: F401
 import blocklayer.drivers.null  # noqa: F401
 import blocklayer.drivers.raw  # noqa: F401
@@ -28,6 +29,7 @@ from blocklayer.bdrv import (
     _nodes,
     bdrv_anon_name,
     bdrv_find_node,
+    bdrv_refresh_limits,
     bdrv_unref,
 )
 from blocklayer.blockdev_options import enum_of
@@ -156,6 +158,7 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False,
         for role, child in children.items():
             bdrv_attach_child(bs, role, child)
         drv.attach(bs)
+        bdrv_refresh_limits(bs)
     except BaseException:
         if "bs" in locals():
             bdrv_unref(bs)  # closes the driver, detaches (and unrefs) the children

@@ -5,9 +5,21 @@ Theory of operation
 -------------------
 Whoever submits I/O to a node — a BlockBackend to its root, a format or filter driver to its
 child — goes through these functions, never straight to ``bs.drv``: the rules that belong to
-every node are applied here once.  Today: a discard reaches the driver only on a node opened
-with ``discard=unmap`` (BDRV_O_UNMAP), a write-zeroes may deallocate only there, and a driver
-that cannot write zeroes gets zeroed buffers instead (bdrv_co_do_pwrite_zeroes' fallback).
+every node are applied here once:
+
+* **Alignment.**  A node has a request alignment and a memory alignment (``bs.request_alignment``
+  / ``bs.mem_alignment``: a file opened with O_DIRECT on a 4 KiB-sector disk needs 4 KiB
+  offsets, lengths and often buffers).  A request that does not fit is *padded*: a read reads
+  the aligned range into an aligned bounce buffer and copies the part asked for; a write reads
+  the head and tail blocks it only partly covers, patches them and writes the aligned range —
+  holding that range in the node's RmwTracker (``blocklayer/rmw.py``) so that two sub-block
+  writes to one block both land.  Misaligned guest memory alone is bounced without padding.
+  Drivers never see a request their node cannot take.  (The C request path serves only aligned
+  requests and leaves the rest to this code; see ``pyvu_blkstate.align_mask``.)
+* A discard reaches the driver only on a node opened with ``discard=unmap`` (BDRV_O_UNMAP), and
+  only its aligned part (discard is advisory); a write-zeroes may deallocate only there; one the
+  driver cannot do, or an unaligned one, is written as zeroed buffers
+  (bdrv_co_do_pwrite_zeroes' fallback).
 
 Each function runs in the caller's AioContext, and ``cb(ret)`` runs there too (0 or -errno).
 """
@@ -15,20 +27,119 @@ Each function runs in the caller's AioContext, and ``cb(ret)`` runs there too (0
 from __future__ import annotations
 
 import errno
+import mmap
 
 from blocklayer.aio import AioContext
 from blocklayer.bdrv import BDRV_REQ_MAY_UNMAP, BlockDriverState, Completion
 from blocklayer.iov import IOVector
+from vhost.ffi import ffi, lib
+
+
+def _fits(bs: BlockDriverState, offset: int, qiov: IOVector) -> bool:
+    a = bs.request_alignment
+    if (offset | qiov.size) & (a - 1):
+        return False
+    return bs.mem_alignment <= 1 or qiov.is_aligned(bs.mem_alignment)
+
+
+class _Bounce:
+    """An anonymous mapping (page-aligned, so aligned for any O_DIRECT) and its C pointer."""
+
+    __slots__ = ("map", "ptr", "qiov")
+
+    def __init__(self, size: int) -> None:
+        self.map = mmap.mmap(-1, size)
+        self.ptr = ffi.from_buffer(self.map)
+        self.qiov = IOVector.from_buffers([self.map])
+
+    def part(self, skip: int, size: int) -> IOVector:
+        return self.qiov.slice_from(skip).slice_to(size)
+
+    def close(self) -> None:
+        self.qiov = None  # type: ignore[assignment]
+        self.ptr = None
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still referenced somewhere: the GC unmaps it later
+
+
+def _span(bs: BlockDriverState, offset: int, size: int) -> tuple[int, int]:
+    a = bs.request_alignment
+    return offset - offset % a, -(-(offset + size) // a) * a
 
 
 def bdrv_aio_preadv(bs: BlockDriverState, ctx: AioContext, offset: int, qiov: IOVector,
                     cb: Completion) -> None:
-    bs.drv.aio_preadv(ctx, offset, qiov, cb)
+    if _fits(bs, offset, qiov):
+        bs.drv.aio_preadv(ctx, offset, qiov, cb)
+        return
+    start, end = _span(bs, offset, qiov.size)
+    buf = _Bounce(end - start)
+
+    def done(ret: int) -> None:
+        if ret >= 0:
+            lib.pyvu_iov_from_buf(qiov.iov, qiov.niov, buf.ptr + (offset - start), qiov.size)
+        buf.close()
+        cb(ret)
+
+    bs.drv.aio_preadv(ctx, start, buf.qiov, done)
 
 
 def bdrv_aio_pwritev(bs: BlockDriverState, ctx: AioContext, offset: int, qiov: IOVector,
                      flags: int, cb: Completion) -> None:
-    bs.drv.aio_pwritev(ctx, offset, qiov, flags, cb)
+    if _fits(bs, offset, qiov):
+        bs.drv.aio_pwritev(ctx, offset, qiov, flags, cb)
+        return
+    start, end = _span(bs, offset, qiov.size)
+    if start == offset and end == offset + qiov.size:  # only the memory is misaligned
+        buf = _Bounce(end - start)
+        lib.pyvu_iov_to_buf(qiov.iov, qiov.niov, buf.ptr, qiov.size)
+
+        def bounced(ret: int) -> None:
+            buf.close()
+            cb(ret)
+
+        bs.drv.aio_pwritev(ctx, start, buf.qiov, flags, bounced)
+        return
+    bs.rmw.acquire(start, end, ctx, lambda: _rmw(bs, ctx, offset, qiov, flags, start, end, cb))
+
+
+def _rmw(bs: BlockDriverState, ctx: AioContext, offset: int, qiov: IOVector, flags: int,
+         start: int, end: int, cb: Completion) -> None:
+    """Read the partly covered head/tail blocks, patch in the data, write [start, end).
+    Runs holding [start, end) in bs.rmw; releases it when the write completed."""
+    a = bs.request_alignment
+    buf = _Bounce(end - start)
+    reads = []
+    if offset != start:
+        reads.append(0)
+    if offset + qiov.size != end and (end - a != start or not reads):
+        reads.append(end - a - start)
+    left = [len(reads)]
+    failed = [0]
+
+    def finish(ret: int) -> None:
+        buf.close()
+        bs.rmw.release(start, end)
+        cb(ret)
+
+    def write() -> None:
+        if failed[0]:
+            finish(failed[0])
+            return
+        lib.pyvu_iov_to_buf(qiov.iov, qiov.niov, buf.ptr + (offset - start), qiov.size)
+        bs.drv.aio_pwritev(ctx, start, buf.qiov, flags, finish)
+
+    def got(ret: int) -> None:
+        if ret < 0 and not failed[0]:
+            failed[0] = ret
+        left[0] -= 1
+        if left[0] == 0:
+            write()
+
+    for skip in reads:
+        bs.drv.aio_preadv(ctx, start + skip, buf.part(skip, a), got)
 
 
 def bdrv_aio_flush(bs: BlockDriverState, ctx: AioContext, cb: Completion) -> None:
@@ -37,11 +148,14 @@ def bdrv_aio_flush(bs: BlockDriverState, ctx: AioContext, cb: Completion) -> Non
 
 def bdrv_aio_pdiscard(bs: BlockDriverState, ctx: AioContext, offset: int, nbytes: int,
                       cb: Completion) -> None:
-    """Discard a range; on a node with ``discard=ignore`` (QEMU's default) a no-op success."""
-    if not bs.unmap:
+    """Discard a range: its aligned part; on a node with ``discard=ignore`` (QEMU's default)
+    nothing (a discard is advisory, so both succeed)."""
+    a = bs.request_alignment
+    start, end = -(-offset // a) * a, (offset + nbytes) // a * a
+    if not bs.unmap or end <= start:
         cb(0)
     else:
-        bs.drv.aio_pdiscard(ctx, offset, nbytes, cb)
+        bs.drv.aio_pdiscard(ctx, start, end - start, cb)
 
 
 def bdrv_aio_pwrite_zeroes(bs: BlockDriverState, ctx: AioContext, offset: int, nbytes: int,
@@ -49,6 +163,9 @@ def bdrv_aio_pwrite_zeroes(bs: BlockDriverState, ctx: AioContext, offset: int, n
     """Make a range read as zeroes.  BDRV_REQ_MAY_UNMAP lets the driver deallocate it, but
     only on a node with ``discard=unmap``."""
     f = flags if bs.unmap else flags & ~BDRV_REQ_MAY_UNMAP
+    if (offset | nbytes) & (bs.request_alignment - 1):
+        _write_zero_buffers(bs, ctx, offset, nbytes, f & ~BDRV_REQ_MAY_UNMAP, cb)
+        return
 
     def done(ret: int) -> None:
         if ret == -errno.ENOTSUP:  # the driver cannot: write a zeroed buffer instead
@@ -78,4 +195,4 @@ def _write_zero_buffers(bs: BlockDriverState, ctx: AioContext, offset: int, nbyt
         else:
             _write_zero_buffers(bs, ctx, offset + n, nbytes - n, flags, cb)
 
-    bs.drv.aio_pwritev(ctx, offset, qiov, flags, next_chunk)
+    bdrv_aio_pwritev(bs, ctx, offset, qiov, flags, next_chunk)  # padded if need be

@@ -57,6 +57,23 @@ class IOVector:
             raise ValueError("slice beyond the end of the vector")
         return IOVector(dst, n, size[0], self)
 
+    def slice_to(self, size: int) -> IOVector:
+        """The same memory cut to its first ``size`` bytes (zero-copy; keeps self alive)."""
+        dst = ffi.new("struct iovec[]", max(self.niov, 1))
+        out = ffi.new("uint64_t *")
+        n = lib.pyvu_iov_slice(self.iov, self.niov, 0, self.size - size, dst, out)
+        if size > self.size or n < 0:
+            raise ValueError("slice beyond the end of the vector")
+        return IOVector(dst, n, size, self)
+
+    def is_aligned(self, align: int) -> bool:
+        """Every element's address and length is a multiple of ``align`` (a power of 2)."""
+        mask, iov = align - 1, self.iov
+        for i in range(self.niov):
+            if (int(ffi.cast("uintptr_t", iov[i].iov_base)) | iov[i].iov_len) & mask:
+                return False
+        return True
+
     def to_bytes(self) -> bytes:
         """Copy the contents out (tests, small buffers)."""
         return b"".join(bytes(b) for b in self.buffers())

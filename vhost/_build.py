@@ -159,6 +159,8 @@ struct pyvu_blkstate {
     int driver;
     int fd;
     int64_t offset;
+    uint32_t align_mask;
+    uint32_t mem_mask;
     int read_zeroes;
     int no_flush;
     uint32_t lbs;

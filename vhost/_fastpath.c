@@ -98,6 +98,8 @@ struct pyvu_blkstate {
     int driver;                 /* DRV_* */
     int fd;                     /* file driver: the image fd */
     int64_t offset;             /* added to every request's offset (a raw node's offset=) */
+    uint32_t align_mask;        /* request alignment - 1 (O_DIRECT): others go to Python */
+    uint32_t mem_mask;          /* memory alignment - 1 of every buffer */
     int read_zeroes;            /* null-co */
     int no_flush;
     uint32_t lbs;               /* logical block size */
@@ -478,6 +480,18 @@ static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write
 }
 
 /*
+ * A read's data iovecs exclude the status byte: the last input iovec is dropped (if it is the
+ * status byte alone) or shortened by one.  Before Python sees the element again, give the
+ * byte back.  Every path that hands a parsed read to Python calls this.
+ */
+static void pyvu_req_undo_status(struct pyvu_req *r, VuVirtqElement *e)
+{
+    if (r->type == VBLK_T_IN && e->in_num && r->niov == e->in_num) {
+        e->in_sg[e->in_num - 1].iov_len++;
+    }
+}
+
+/*
  * Try to serve a popped request in C.  Returns 0 if Python must handle it (nothing changed),
  * 1 if it was taken (completed, failed, or submitted).
  */
@@ -556,9 +570,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     r->in_len = is_write ? 1 : (uint32_t)r->bytes + 1;
     total = (uint64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE);
     if ((int64_t)total < 0) {
-        if (!is_write && last->iov_len >= 1 && r->niov == e->in_num) {
-            last->iov_len++;    /* undo: Python parses the element again */
-        }
+        pyvu_req_undo_status(r, e);
         return 0;
     }
     total >>= 9;
@@ -571,6 +583,17 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         return 1;
     }
     r->offset = (sector << 9) + (uint64_t)b->offset;
+    if (b->align_mask | b->mem_mask) {
+        /* blocklayer/io.py pads or bounces what the node cannot take as it is */
+        uintptr_t bits = 0;
+        for (unsigned i = 0; i < r->niov; i++) {
+            bits |= (uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len;
+        }
+        if (((r->offset | r->bytes) & b->align_mask) || (bits & b->mem_mask)) {
+            pyvu_req_undo_status(r, e);
+            return 0;
+        }
+    }
     r->start_ns = pyvu_now_ns();
     pyvu_blk_in_flight_add(b, 1);
     if (b->driver == DRV_PYBATCH) {
@@ -955,9 +978,7 @@ static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, in
         out[i] = &r->elem;
         err[i] = r->err;
         type[i] = r->type == VBLK_T_FLUSH && r->kind == 1 ? VBLK_T_OUT : r->type;
-        if (r->type == VBLK_T_IN && r->niov == r->elem.in_num) {
-            r->elem.in_sg[r->elem.in_num - 1].iov_len++;   /* give back the status byte */
-        }
+        pyvu_req_undo_status(r, &r->elem);   /* give back the status byte */
     }
     memmove(q->failed, q->failed + n, (q->nfailed - n) * sizeof(q->failed[0]));
     q->nfailed -= n;

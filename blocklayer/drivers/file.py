@@ -12,7 +12,10 @@ size is not a multiple of the sector size.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
+import stat
 from typing import Any
 
 from blocklayer.aio import AioContext
@@ -90,6 +93,12 @@ class FileDriver(BlockDriver):
     def _query_length(self) -> int:
         size = os.lseek(self.fd, 0, os.SEEK_END)
         return (size + 511) & ~511  # QEMU counts whole sectors
+
+    def limits(self) -> tuple[int, int]:
+        """Buffered I/O takes anything; O_DIRECT needs what the device/file system needs."""
+        if not self.direct:
+            return 1, 1
+        return probe_alignment(self.fd)
 
     def getlength(self) -> int:
         return self._length
@@ -203,6 +212,43 @@ class FileDriver(BlockDriver):
             self.lock.release()
             os.close(self.fd)
             self.fd = -1
+
+
+BLKSSZGET = 0x1268  # logical sector size
+
+
+def probe_alignment(fd: int) -> tuple[int, int]:
+    """QEMU's raw_probe_alignment for an O_DIRECT fd: (request alignment, memory alignment).
+
+    A block device tells its logical sector size (BLKSSZGET); otherwise the smallest of 512,
+    1K, 2K, 4K that a read accepts.  The memory alignment is the smallest power of 2 from 512
+    a read into a buffer of that alignment accepts (EINVAL means "misaligned").  Not below 512,
+    as QEMU: a synchronous read may accept a buffer that Linux AIO then refuses (seen on loop
+    devices), and the probe can only try reads."""
+    max_align = max(4096, mmap.PAGESIZE)
+    req = 0
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        out = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
+        req = int.from_bytes(out, "little")
+    buf = mmap.mmap(-1, 2 * max_align)
+    try:
+        with memoryview(buf) as whole:
+            def accepts(at: int, length: int) -> bool:
+                with whole[at:at + length] as part:
+                    try:
+                        os.preadv(fd, [part], 0)
+                    except OSError as e:
+                        return e.errno != errno.EINVAL
+                return True
+
+            if not req:
+                req = next((a for a in (512, 1024, 2048, 4096) if accepts(0, a)), max_align)
+            mem = 512
+            while mem < max_align and not accepts(mem, req):
+                mem <<= 1
+    finally:
+        buf.close()
+    return req, mem
 
 
 FALLOC_FL_KEEP_SIZE = 0x01
