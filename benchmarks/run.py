@@ -8,7 +8,9 @@ same --blockdev/--export arguments qemu-storage-daemon takes, the libblkio
 client (benchmarks/blkio_client.c) drives it for a few seconds, and the daemon
 is stopped with SIGTERM.  Runs are interleaved ours, qsd, ours, qsd, ... so
 that drift of the machine affects both sides alike; each side's figure is the
-median IOPS of its runs and the mean of its runs' mean latencies.
+median IOPS of its runs and the mean of its runs' mean latencies.  With
+--json OUT.json the runner also writes OUT.md (a Markdown report) and OUT.png
+(a chart; needs matplotlib) next to it, see benchmarks/report.py.
 
 Keep the machine otherwise idle while this runs: it has two cores to share
 between the client and the daemon.  See benchmarks/README.md.
@@ -54,6 +56,8 @@ SIDES = ("ours", "qsd")
 # A run during which other processes used more than this much CPU (percent of
 # one core) is flagged: with two cores, a busy neighbour changes everything.
 BUSY_OTHER_PCT = 15.0
+# client attempts when the daemon's socket exists but is not listening yet
+CONNECT_TRIES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,15 +294,22 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         sampler.start()
         if client_poll:
             argv.append("--poll")
-        cpu0 = daemon.cpu_seconds()
-        sys0 = _system_busy_seconds()
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True,
-                                  timeout=runtime + 60, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"client did not finish within {runtime + 60:.0f} s") from exc
-        wall = time.monotonic() - t0
+        for attempt in range(CONNECT_TRIES):
+            cpu0 = daemon.cpu_seconds()
+            sys0 = _system_busy_seconds()
+            t0 = time.monotonic()
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True,
+                                      timeout=runtime + 60, check=False)
+            except subprocess.TimeoutExpired as exc:
+                raise BenchError(f"client did not finish within {runtime + 60:.0f} s") from exc
+            wall = time.monotonic() - t0
+            # The socket file exists from bind() on, but connecting fails until listen():
+            # on a busy machine the client can fall in between.
+            if not (proc.returncode == 3 and "Connection refused" in proc.stderr
+                    and attempt + 1 < CONNECT_TRIES):
+                break
+            time.sleep(0.2)
         sampler.cancel()
         if loaded and loaded[0] is not None:
             result["rss_load_mib"] = round(loaded[0][0], 1)
@@ -495,10 +506,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECS",
                    help="before each run, wait up to SECS for other processes to leave "
                         f"the CPUs (busy < {BUSY_OTHER_PCT:.0f}%% of a core); default 0")
-    p.add_argument("--json", metavar="OUT", help="write all results to OUT as JSON")
+    p.add_argument("--json", metavar="OUT",
+                   help="write all results to OUT as JSON, and a Markdown report and a PNG "
+                        "chart next to it (OUT.json -> OUT.md, OUT.png)")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a sentence for the JSON's notes and the report, e.g. 'tests were "
+                        "running in parallel' (repeatable)")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the daemon logs directory (printed at the end)")
     args = p.parse_args(argv)
+    args.command_line = shlex.join(["python", "-m", "benchmarks.run",
+                                    *(sys.argv[1:] if argv is None else argv)])
     if args.pairs < 1:
         p.error("--pairs must be >= 1")
     if args.runtime is None:
@@ -536,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="pyvhost-blk-bench-"))
     image = None
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     results: list[dict] = []
     failures = 0
     try:
@@ -614,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
                               + (f" (other processes used {busy:.0f}% CPU!)"
                                  if busy > BUSY_OTHER_PCT else ""), file=sys.stderr)
             entry = {"case": case.name, "label": case.label,
-                     **dataclasses.asdict(case), "bs": 4096}
+                     **dataclasses.asdict(case)}
             for side in SIDES:
                 entry[f"{side}_attempted"] = side in sides
                 entry[side] = summarize(runs[side]) if side in sides else None
@@ -641,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
             "host": platform.node(),
             "kernel": platform.release(),
             "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "python": platform.python_version(),
+            "git_commit": _git_commit(),
+            "command_line": args.command_line,
             "loadavg_at_start": load1,
             "runtime_s": args.runtime,
             "pairs": args.pairs,
@@ -651,16 +673,49 @@ def main(argv: list[str] | None = None) -> int:
             "qsd_version": _qsd_version(cmds.get("qsd")),
             "notes": notes,
         }
+        data = {"meta": meta, "cases": results}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "cases": results}, f, indent=2)
+            json.dump(data, f, indent=2)
             f.write("\n")
         print(f"results written to {args.json}")
+        from benchmarks import report
+
+        md, png = report.report_paths(args.json)
+        for path in report.write_reports(data, md, png):
+            print(f"report written to {path}")
 
     if args.keep_logs or failures:
         print(f"daemon logs: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failures else 0
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> str | None:
+    """Short commit of the source tree the benchmark ran from, '+dirty' if modified."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _qsd_version(cmd: list[str] | None) -> str | None:
