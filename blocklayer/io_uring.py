@@ -22,6 +22,10 @@ from vhost.ffi import check_errno, ffi, lib
 
 OP_READ, OP_WRITE, OP_FSYNC = 0, 1, 2
 RING_ENTRIES = 256
+# Test-only: tiny rings and AIO contexts make the "no room for now" paths of both engines run
+# (tests/integration/test_engine_limits.py).  Read once per context, never per request.
+_X_URING_ENTRIES = int(os.environ.get("PYVHOST_BLK_X_URING_ENTRIES", "0") or 0)
+_X_LAIO_EVENTS = int(os.environ.get("PYVHOST_BLK_X_LAIO_EVENTS", "0") or 0)
 REAP_BATCH = 64
 
 
@@ -30,7 +34,8 @@ class LuringState:
         self.ctx = ctx
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.ring = ffi.new("struct pyvu_ring *")
-        check_errno(lib.pyvu_ring_init(self.ring, RING_ENTRIES, self._efd), "io_uring_queue_init")
+        entries = _X_URING_ENTRIES or RING_ENTRIES
+        check_errno(lib.pyvu_ring_init(self.ring, entries, self._efd), "io_uring_queue_init")
         self._ring = ffi.addressof(self.ring.u)
         self._pending: dict[int, tuple[Callable[[int], None], Any]] = {}
         self._ids = itertools.count(1)
@@ -92,7 +97,7 @@ def laio_get(ctx: AioContext) -> Any:
     if st is None:
         st = ffi.new("struct pyvu_laio *")
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        check_errno(lib.pyvu_laio_init(st, efd), "io_setup")
+        check_errno(lib.pyvu_laio_init(st, efd, _X_LAIO_EVENTS), "io_setup")
         token = (1 << 63) | int(ffi.cast("uintptr_t", st))
         ctx.add_c_handler(efd, ffi.addressof(st.h), token, lambda: None)
         _laio[ctx] = st

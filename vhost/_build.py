@@ -188,7 +188,7 @@ int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd);
 int pyvu_ring_take_py(struct pyvu_ring *ring, uint64_t *ud, int *res, int max);
 
 struct pyvu_laio { int efd; struct pyvu_chandler h; ...; };
-int pyvu_laio_init(struct pyvu_laio *l, int efd);
+int pyvu_laio_init(struct pyvu_laio *l, int efd, unsigned nr_events);
 
 struct pyvu_fastq {
     struct pyvu_ring *ring;

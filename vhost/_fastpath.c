@@ -254,10 +254,10 @@ static int pyvu_poller_del(struct pyvu_poller *p, int fd)
 
 /* ---- io_uring completions shared by C and Python requests ---- */
 
-/* A ring's completions for Python requests (user_data with the low bit set) wait here.  Each
- * Python request has at most one operation in flight and belongs to a virtqueue element, so
- * 64 queues of 1024 descriptors bound them. */
-#define PYVU_PYCQE_MAX 65536
+/* A ring's completions for Python requests (user_data with the low bit set) wait here until
+ * Python takes them; the arrays grow as needed (however many exports and queues share the
+ * context), and if they cannot, completions stay in the kernel's ring for later. */
+#define PYVU_PYCQE_INIT 1024
 
 struct pyvu_ring {
     struct pyvu_uring u;
@@ -265,6 +265,7 @@ struct pyvu_ring {
     uint64_t *py_ud;
     int *py_res;
     int npy;
+    int pycap;
     int py_reported;
 };
 
@@ -279,6 +280,7 @@ struct pyvu_laio {
     struct pyvu_chandler h;
     struct iocb *pending[PYVU_LAIO_BATCH];
     int npending;
+    long inflight;                  /* submitted, not yet reaped */
 };
 
 /*
@@ -314,13 +316,13 @@ static long pyvu_laio_getevents(struct pyvu_laio *l, struct io_event *out, long 
     return n;
 }
 
-static int pyvu_laio_init(struct pyvu_laio *l, int efd)
+static int pyvu_laio_init(struct pyvu_laio *l, int efd, unsigned nr_events)
 {
     memset(l, 0, sizeof(*l));
     l->efd = efd;
     l->h.type = PYVU_H_LAIO;
     l->h.obj = l;
-    if (syscall(SYS_io_setup, PYVU_LAIO_EVENTS, &l->ctx) < 0) {
+    if (syscall(SYS_io_setup, nr_events ? nr_events : PYVU_LAIO_EVENTS, &l->ctx) < 0) {
         return -errno;
     }
     return 0;
@@ -352,7 +354,19 @@ struct pyvu_fastq {
     int ndone;
     struct pyvu_req *batch[PYVU_QMAX];  /* DRV_PYBATCH requests waiting for Python */
     int nbatch;
+    struct pyvu_fastq *touched_next;    /* on a completion handler's list of queues to flush */
+    int touched;
 };
+
+/* Put q on a list of queues that got completions (each once; no bound on their number). */
+static void pyvu_touch(struct pyvu_fastq *q, struct pyvu_fastq **head)
+{
+    if (!q->touched) {
+        q->touched = 1;
+        q->touched_next = *head;
+        *head = q;
+    }
+}
 
 struct pyvu_req {
     VuVirtqElement elem;            /* first: Python sees a VuVirtqElement * */
@@ -421,10 +435,17 @@ static int pyvu_ring_prep(struct pyvu_ring *ring, struct pyvu_req *r, int op)
                            (uint64_t)(uintptr_t)r);
 }
 
+/*
+ * Hand a C request to Python: failed with -errno (Python's error policy decides what the
+ * guest sees), or -EAGAIN: not an error, Python serves it again from the start (and counts it
+ * then, so a request is counted exactly once).
+ */
 static void pyvu_fast_fail(struct pyvu_req *r, int err)
 {
     struct pyvu_fastq *q = r->q;
-    pyvu_acct_failed(q->blk, r->kind, pyvu_now_ns() - r->start_ns);
+    if (err != -EAGAIN) {
+        pyvu_acct_failed(q->blk, r->kind, pyvu_now_ns() - r->start_ns);
+    }
     pyvu_blk_in_flight_add(q->blk, -1);
     r->err = err;
     q->failed[q->nfailed++] = r;
@@ -440,25 +461,42 @@ static void pyvu_fast_ok(struct pyvu_req *r)
     pyvu_req_complete(r, VBLK_S_OK);
 }
 
+/*
+ * Submit the pending iocbs.  io_submit takes a prefix of them; when it takes none it reports
+ * why for the first one: EAGAIN (no room in the context: those wait for the next completions,
+ * or for Python if nothing is in flight to complete) or an error of that iocb alone, which
+ * fails that request only (through Python's error policy) and the rest go on.
+ */
 static void pyvu_laio_submit(struct pyvu_laio *l)
 {
     int done = 0;
     while (done < l->npending) {
         long n = syscall(SYS_io_submit, l->ctx, (long)(l->npending - done), l->pending + done);
+        if (n > 0) {
+            done += n;
+            l->inflight += n;
+            continue;
+        }
         if (n < 0 && errno == EINTR) {
             continue;
         }
-        if (n <= 0) {
-            /* Not accepted: hand the rest to Python (-EAGAIN: redo on the Python path). */
-            for (int i = done; i < l->npending; i++) {
+        if (n == 0 || errno == EAGAIN) {
+            if (l->inflight > 0) {
+                break;              /* kept: retried when completions come */
+            }
+            for (int i = done; i < l->npending; i++) {   /* nothing will complete: Python */
                 struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)l->pending[i]->aio_data;
                 pyvu_fast_fail(r, -EAGAIN);
             }
+            done = l->npending;
             break;
         }
-        done += n;
+        struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)l->pending[done]->aio_data;
+        pyvu_fast_fail(r, -errno);
+        done++;
     }
-    l->npending = 0;
+    memmove(l->pending, l->pending + done, (l->npending - done) * sizeof(l->pending[0]));
+    l->npending -= done;
 }
 
 static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write)
@@ -475,6 +513,10 @@ static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write
     cb->aio_resfd = l->efd;
     if (l->npending == PYVU_LAIO_BATCH) {
         pyvu_laio_submit(l);
+    }
+    if (l->npending == PYVU_LAIO_BATCH) {   /* the kernel takes no more now: Python redoes it */
+        pyvu_fast_fail(r, -EAGAIN);
+        return;
     }
     l->pending[l->npending++] = cb;
 }
@@ -697,7 +739,7 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
     if (q->laio && q->laio->npending) {
         pyvu_laio_submit(q->laio);
     }
-    if (q->ring && q->ring->u.pending) {
+    if (q->ring && (q->ring->u.pending || q->ring->u.nbacklog)) {
         pyvu_uring_submit(&q->ring->u);
     }
     pyvu_fastq_flush_locked(q);
@@ -746,51 +788,102 @@ static void pyvu_fast_cqe(struct pyvu_req *r, int res)
 
 #define PYVU_REAP 64
 
-/* Reap a ring: C requests are finished here, Python ones are kept for Python. */
-static void pyvu_ring_reap(struct pyvu_ring *ring, struct pyvu_fastq **touched, int *ntouched,
-                           int maxtouched)
+/* Room for `more` Python completions; 0 if memory ran out (they then wait in the kernel). */
+static int pyvu_ring_py_room(struct pyvu_ring *ring, int more)
+{
+    if (ring->pycap - ring->npy >= more) {
+        return 1;
+    }
+    int cap = ring->pycap ? ring->pycap : PYVU_PYCQE_INIT;
+    while (cap - ring->npy < more) {
+        cap *= 2;
+    }
+    uint64_t *ud = realloc(ring->py_ud, cap * sizeof(*ud));
+    if (!ud) {
+        return 0;
+    }
+    ring->py_ud = ud;
+    int *res = realloc(ring->py_res, cap * sizeof(*res));
+    if (!res) {
+        return 0;
+    }
+    ring->py_res = res;
+    ring->pycap = cap;
+    return 1;
+}
+
+/* Reap a ring: C requests are finished here (their queues put on *touched), Python ones are
+ * kept for Python. */
+static void pyvu_ring_reap(struct pyvu_ring *ring, struct pyvu_fastq **touched)
 {
     uint64_t ud[PYVU_REAP];
     int res[PYVU_REAP];
     int n;
     do {
+        if (!pyvu_ring_py_room(ring, PYVU_REAP)) {
+            break;
+        }
         n = pyvu_uring_reap(&ring->u, ud, res, PYVU_REAP);
         for (int i = 0; i < n; i++) {
             if (ud[i] & 1) {
-                if (ring->npy < PYVU_PYCQE_MAX) {
-                    ring->py_ud[ring->npy] = ud[i];
-                    ring->py_res[ring->npy] = res[i];
-                    ring->npy++;
-                }
+                ring->py_ud[ring->npy] = ud[i];
+                ring->py_res[ring->npy] = res[i];
+                ring->npy++;
                 continue;
             }
             struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)ud[i];
-            struct pyvu_fastq *q = r->q;
             pyvu_fast_cqe(r, res[i]);
-            int seen = 0;
-            for (int j = 0; j < *ntouched; j++) {
-                seen |= touched[j] == q;
-            }
-            if (!seen && *ntouched < maxtouched) {
-                touched[(*ntouched)++] = q;
-            }
+            pyvu_touch(r->q, touched);
         }
     } while (n == PYVU_REAP);
-    if (ring->u.pending) {
-        pyvu_uring_submit(&ring->u);   /* FUA fsyncs */
+    if (ring->u.pending || ring->u.nbacklog) {
+        pyvu_uring_submit(&ring->u);   /* FUA fsyncs, and what waited for room */
     }
 }
+
+/*
+ * Tokens for Python.  When the caller's array is full, a C object's token (a queue or ring with
+ * work for Python, reported once until Python took it) waits in this thread's overflow list
+ * and is handed out first by the next pyvu_poller_wait: nothing is dropped, whatever the
+ * number of queues on one context.  A Python fd needs no such care: epoll reports it again.
+ */
+static __thread uint64_t *pyvu_tls_overflow;
+static __thread int pyvu_tls_noverflow, pyvu_tls_overflow_cap;
 
 static void pyvu_emit(uint64_t *out, int *nout, int max, uint64_t token)
 {
     if (*nout < max) {
         out[(*nout)++] = token;
+        return;
     }
+    if (!(token & PYVU_TOKEN_C)) {
+        return;
+    }
+    if (pyvu_tls_noverflow == pyvu_tls_overflow_cap) {
+        int cap = pyvu_tls_overflow_cap ? 2 * pyvu_tls_overflow_cap : 64;
+        uint64_t *o = realloc(pyvu_tls_overflow, cap * sizeof(*o));
+        if (!o) {
+            return;
+        }
+        pyvu_tls_overflow = o;
+        pyvu_tls_overflow_cap = cap;
+    }
+    pyvu_tls_overflow[pyvu_tls_noverflow++] = token;
+}
+
+static int pyvu_take_overflow(uint64_t *out, int max)
+{
+    int n = pyvu_tls_noverflow < max ? pyvu_tls_noverflow : max;
+    memcpy(out, pyvu_tls_overflow, n * sizeof(*out));
+    memmove(pyvu_tls_overflow, pyvu_tls_overflow + n,
+            (pyvu_tls_noverflow - n) * sizeof(*out));
+    pyvu_tls_noverflow -= n;
+    return n;
 }
 
 static void pyvu_report_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int max)
 {
-    if (pyvu_fastq_needs_python(q) && !q->py_reported && *nout < max) {
+    if (pyvu_fastq_needs_python(q) && !q->py_reported) {
         q->py_reported = 1;
         pyvu_emit(out, nout, max, PYVU_TOKEN_C | (uint64_t)(uintptr_t)q);
     }
@@ -801,44 +894,45 @@ static void pyvu_report_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, in
 static void pyvu_laio_complete(struct pyvu_laio *l, uint64_t *out, int *nout, int max)
 {
     struct io_event events[64];
-    struct pyvu_fastq *touched[64];
-    int ntouched = 0;
+    struct pyvu_fastq *touched = NULL, *q, *next;
     long n;
     do {
         n = pyvu_laio_getevents(l, events, 64);
+        if (n > 0) {
+            l->inflight -= n;
+        }
         for (long i = 0; i < n; i++) {
             struct pyvu_req *r = (struct pyvu_req *)(uintptr_t)events[i].data;
-            struct pyvu_fastq *q = r->q;
             pyvu_fast_cqe(r, (int)events[i].res);
-            int seen = 0;
-            for (int j = 0; j < ntouched; j++) {
-                seen |= touched[j] == q;
-            }
-            if (!seen && ntouched < 64) {
-                touched[ntouched++] = q;
-            }
+            pyvu_touch(r->q, &touched);
         }
     } while (n == 64);
-    for (int i = 0; i < ntouched; i++) {
-        if (touched[i]->ring && touched[i]->ring->u.pending) {
-            pyvu_uring_submit(&touched[i]->ring->u);   /* FUA fsyncs */
+    if (l->npending) {
+        pyvu_laio_submit(l);            /* what io_submit could not take before */
+    }
+    for (q = touched; q; q = next) {
+        next = q->touched_next;
+        q->touched = 0;
+        if (q->ring && (q->ring->u.pending || q->ring->u.nbacklog)) {
+            pyvu_uring_submit(&q->ring->u);   /* FUA fsyncs */
         }
-        pyvu_fastq_flush(touched[i]);
-        pyvu_report_queue(touched[i], out, nout, max);
+        pyvu_fastq_flush(q);
+        pyvu_report_queue(q, out, nout, max);
     }
 }
 
 /* The same for an io_uring ring; its Python requests' completions are reported too. */
 static void pyvu_ring_complete(struct pyvu_ring *ring, uint64_t *out, int *nout, int max)
 {
-    struct pyvu_fastq *touched[64];
-    int ntouched = 0;
-    pyvu_ring_reap(ring, touched, &ntouched, 64);
-    for (int i = 0; i < ntouched; i++) {
-        pyvu_fastq_flush(touched[i]);
-        pyvu_report_queue(touched[i], out, nout, max);
+    struct pyvu_fastq *touched = NULL, *q, *next;
+    pyvu_ring_reap(ring, &touched);
+    for (q = touched; q; q = next) {
+        next = q->touched_next;
+        q->touched = 0;
+        pyvu_fastq_flush(q);
+        pyvu_report_queue(q, out, nout, max);
     }
-    if (ring->npy && !ring->py_reported && *nout < max) {
+    if (ring->npy && !ring->py_reported) {
         ring->py_reported = 1;
         pyvu_emit(out, nout, max, PYVU_TOKEN_C | (uint64_t)(uintptr_t)ring);
     }
@@ -892,7 +986,7 @@ static int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out
 {
     struct epoll_event ev[32];
     uint64_t deadline = 0;
-    int nout = 0;
+    int nout = pyvu_tls_noverflow ? pyvu_take_overflow(out, max) : 0;
 
     if (timeout_ms > 0) {
         deadline = pyvu_now_ns() + (uint64_t)timeout_ms * 1000000ull;
@@ -1059,9 +1153,7 @@ static int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd)
     memset(ring, 0, sizeof(*ring));
     ring->h.type = PYVU_H_URING;
     ring->h.obj = ring;
-    ring->py_ud = calloc(PYVU_PYCQE_MAX, sizeof(uint64_t));
-    ring->py_res = calloc(PYVU_PYCQE_MAX, sizeof(int));
-    if (!ring->py_ud || !ring->py_res) {
+    if (!pyvu_ring_py_room(ring, PYVU_PYCQE_INIT)) {
         free(ring->py_ud);
         free(ring->py_res);
         return -ENOMEM;

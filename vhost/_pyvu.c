@@ -632,10 +632,24 @@ static VuVirtq *pyvu_queue(VuDev *dev, int qidx)
 
 /* ---- io_uring ---- */
 
+/*
+ * An operation that found the submission queue full waits in the ring's backlog (in order)
+ * and is prepared as soon as completions make room: a full ring is a transient condition,
+ * never an error a guest sees.
+ */
+struct pyvu_uring_op {
+    int op, fd;
+    const struct iovec *iov;
+    unsigned niov;
+    uint64_t offset, user_data;
+};
+
 struct pyvu_uring {
     struct io_uring ring;
     int efd;
     unsigned pending;   /* prepared, not yet submitted */
+    struct pyvu_uring_op *backlog;
+    unsigned nbacklog, backlog_head, backlog_cap;
 };
 
 static int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd)
@@ -646,6 +660,8 @@ static int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd)
     }
     u->efd = efd;
     u->pending = 0;
+    u->backlog = NULL;
+    u->nbacklog = u->backlog_head = u->backlog_cap = 0;
     r = io_uring_register_eventfd(&u->ring, efd);
     if (r < 0) {
         io_uring_queue_exit(&u->ring);
@@ -657,6 +673,9 @@ static int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd)
 static void pyvu_uring_exit(struct pyvu_uring *u)
 {
     io_uring_queue_exit(&u->ring);
+    free(u->backlog);
+    u->backlog = NULL;
+    u->nbacklog = u->backlog_head = u->backlog_cap = 0;
 }
 
 /*
@@ -668,19 +687,82 @@ static void pyvu_uring_exit(struct pyvu_uring *u)
  */
 static __thread int64_t pyvu_tls_uring_inflight;
 
+static void pyvu_uring_prep_sqe(struct io_uring_sqe *sqe, const struct pyvu_uring_op *o)
+{
+    switch (o->op) {
+    case 0:
+        io_uring_prep_readv(sqe, o->fd, o->iov, o->niov, o->offset);
+        break;
+    case 1:
+        io_uring_prep_writev(sqe, o->fd, o->iov, o->niov, o->offset);
+        break;
+    default:
+        io_uring_prep_fsync(sqe, o->fd, 0);
+        break;
+    }
+    io_uring_sqe_set_data64(sqe, o->user_data);
+}
+
+/*
+ * Submit what is prepared; the kernel may take only part of it, or refuse for now (-EAGAIN,
+ * -EBUSY while completions wait to be reaped): what it did not take stays prepared and is
+ * submitted again after the next completions (pyvu_uring_reap's callers) or preparation.
+ * Then move the backlog into the room completions made.  Returns 0 or a hard -errno.
+ */
 static int pyvu_uring_submit(struct pyvu_uring *u)
 {
-    int r = 0;
-    if (u->pending) {
-        do {
-            r = io_uring_submit(&u->ring);
-        } while (r == -EINTR);
-        if (r >= 0) {
-            u->pending = 0;
-            pyvu_tls_uring_inflight += r;
+    for (;;) {
+        while (u->nbacklog && io_uring_sq_space_left(&u->ring)) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
+            pyvu_uring_prep_sqe(sqe, &u->backlog[u->backlog_head]);
+            u->backlog_head = (u->backlog_head + 1) % u->backlog_cap;
+            u->nbacklog--;
+            u->pending++;
+        }
+        if (!u->pending) {
+            return 0;
+        }
+        int r = io_uring_submit(&u->ring);
+        if (r == -EINTR) {
+            continue;
+        }
+        if (r == -EAGAIN || r == -EBUSY || r == 0) {
+            return 0;               /* transient: retried after completions */
+        }
+        if (r < 0) {
+            return r;
+        }
+        u->pending -= (unsigned)r < u->pending ? (unsigned)r : u->pending;
+        pyvu_tls_uring_inflight += r;
+        if (!u->nbacklog && !u->pending) {
+            return 0;
+        }
+        if (!io_uring_sq_space_left(&u->ring)) {
+            return 0;               /* still full: the next completions make room */
         }
     }
-    return r;
+}
+
+/* Keep an operation for later (order kept).  0, or -ENOMEM. */
+static int pyvu_uring_defer(struct pyvu_uring *u, const struct pyvu_uring_op *o)
+{
+    if (u->nbacklog == u->backlog_cap) {
+        unsigned cap = u->backlog_cap ? 2 * u->backlog_cap : 64;
+        struct pyvu_uring_op *b = malloc(cap * sizeof(*b));
+        if (!b) {
+            return -ENOMEM;
+        }
+        for (unsigned i = 0; i < u->nbacklog; i++) {
+            b[i] = u->backlog[(u->backlog_head + i) % u->backlog_cap];
+        }
+        free(u->backlog);
+        u->backlog = b;
+        u->backlog_head = 0;
+        u->backlog_cap = cap;
+    }
+    u->backlog[(u->backlog_head + u->nbacklog) % u->backlog_cap] = *o;
+    u->nbacklog++;
+    return 0;
 }
 
 /*
@@ -732,28 +814,28 @@ static uint64_t pyvu_io_delay(int fd)
 
 static struct io_uring_sqe *pyvu_uring_sqe(struct pyvu_uring *u)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
-    if (!sqe) {
-        if (pyvu_uring_submit(u) < 0) {
-            return NULL;
-        }
+    struct io_uring_sqe *sqe = u->nbacklog ? NULL : io_uring_get_sqe(&u->ring);
+    if (!sqe && !u->nbacklog) {
+        pyvu_uring_submit(u);
         sqe = io_uring_get_sqe(&u->ring);
     }
     return sqe;
 }
 
-/* op: 0 readv, 1 writev, 2 fsync. Returns 0 or -errno. */
+/* op: 0 readv, 1 writev, 2 fsync.  Returns 0 (prepared, or kept in the backlog while the
+ * submission queue is full) or -ENOMEM. */
 static int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *iov,
                            unsigned niov, uint64_t offset, uint64_t user_data)
 {
     struct io_uring_sqe *sqe;
-    uint64_t delay = op < 2 ? pyvu_io_delay(fd) : 0;
+    struct pyvu_uring_op o = { op, fd, iov, niov, offset, user_data };
+    uint64_t delay = op < 2 && !u->nbacklog ? pyvu_io_delay(fd) : 0;
     if (delay) {
         static __thread struct __kernel_timespec ts;   /* read at submission */
         if (io_uring_sq_space_left(&u->ring) < 2) {
             pyvu_uring_submit(u);
         }
-        sqe = pyvu_uring_sqe(u);
+        sqe = io_uring_sq_space_left(&u->ring) >= 2 ? io_uring_get_sqe(&u->ring) : NULL;
         if (sqe) {
             ts.tv_sec = delay / 1000000000ull;
             ts.tv_nsec = delay % 1000000000ull;
@@ -765,20 +847,9 @@ static int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct io
     }
     sqe = pyvu_uring_sqe(u);
     if (!sqe) {
-        return -EBUSY;
+        return pyvu_uring_defer(u, &o);
     }
-    switch (op) {
-    case 0:
-        io_uring_prep_readv(sqe, fd, iov, niov, offset);
-        break;
-    case 1:
-        io_uring_prep_writev(sqe, fd, iov, niov, offset);
-        break;
-    default:
-        io_uring_prep_fsync(sqe, fd, 0);
-        break;
-    }
-    io_uring_sqe_set_data64(sqe, user_data);
+    pyvu_uring_prep_sqe(sqe, &o);
     u->pending++;
     if (delay) {
         pyvu_uring_submit(u);   /* the static timespec is read at submission: submit the pair */
