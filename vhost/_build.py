@@ -205,6 +205,7 @@ struct pyvu_fastq {
     ...;
 };
 int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply);
+void pyvu_set_x_no_dirty_log(int on);
 void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
                      struct pyvu_blkstate *b);
 void pyvu_fastq_process(struct pyvu_fastq *q);

@@ -330,8 +330,29 @@ static uint64_t pyvu_offered_protocol_features(VuDev *dev)
  * libvhost-user's process_msg hook: messages answered here instead of by libvhost-user.
  * Main thread, inside vu_dispatch.  Returns 1 if handled (*do_reply: send vmsg back).
  */
+/*
+ * Test-only (PYVHOST_BLK_X_NO_DIRTY_LOG=1, read once at start): accept SET_LOG_BASE but map
+ * no log, so nothing the backend writes is logged during a migration.  It shows that the
+ * migration test can fail (tests/e2e/test_guest_migration.py); never set otherwise.
+ */
+static int pyvu_x_no_dirty_log;
+
+static void pyvu_set_x_no_dirty_log(int on)
+{
+    pyvu_x_no_dirty_log = on;
+}
+
 static int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply)
 {
+    if (pyvu_x_no_dirty_log && vmsg->request == VHOST_USER_SET_LOG_BASE) {
+        pyvu_close_fds(vmsg->fds, vmsg->fd_num);
+        vmsg->fd_num = 0;
+        vmsg->flags = 0;
+        vmsg->size = sizeof(vmsg->payload.u64);
+        vmsg->payload.u64 = 0;
+        *do_reply = 1;
+        return 1;
+    }
     switch (vmsg->request) {
     case VHOST_USER_GET_PROTOCOL_FEATURES:
         vmsg->flags = 0;        /* vu_send_reply sets the version and REPLY */

@@ -770,6 +770,10 @@ def pyvu_cb_remove_watch(dev: Any, fd: int) -> None:
     pass
 
 
+# Test-only: see pyvu_set_x_no_dirty_log in _pyvu.c (read once, at start).
+if os.environ.get("PYVHOST_BLK_X_NO_DIRTY_LOG") == "1":
+    lib.pyvu_set_x_no_dirty_log(1)
+
 _IFACE = ffi.new(
     "VuDevIface *",
     {

@@ -247,6 +247,8 @@ class Guest:
     to ``build_guest()``, ``accel`` to ``default_accel()``; ``append`` is added
     to the kernel command line; ``log_path`` gets a copy of the console output;
     ``qmp=True`` provides QEMU's QMP socket at ``qmp_path`` (see ``qmp()``).
+    ``incoming="unix:PATH"`` starts a migration destination instead: QEMU waits for the
+    guest's state and the constructor returns at once (``run()`` works once it arrived).
     The console log includes the echo of the commands sent by ``run()``, so
     ``wait_for()`` patterns should not occur in commands you send.
     """
@@ -266,6 +268,7 @@ class Guest:
         append: str = "",
         qmp: bool = True,
         log_path: str | os.PathLike[str] | None = None,
+        incoming: str | None = None,
     ) -> None:
         qemu = qemu_binary()
         self.socket_path = None if socket_path is None else os.fspath(socket_path)
@@ -320,6 +323,8 @@ class Guest:
                 f"vhost-user-blk-pci,chardev=c0,num-queues={num_queues}",
             ]
         cmd += list(extra_args)
+        if incoming is not None:
+            cmd += ["-incoming", incoming]
         self.cmdline = cmd
 
         self.boot_started = time.monotonic()
@@ -338,6 +343,8 @@ class Guest:
                 target=self._read_console, daemon=True, name=f"qemu-console-{self.proc.pid}"
             )
             self._reader.start()
+            if incoming is not None:
+                return  # a migration destination: the guest arrives already booted
             bt = default_boot_timeout() if boot_timeout is None else boot_timeout
             self.wait_for(re.escape(READY_MARKER), timeout=bt, scaled=boot_timeout is None)
             self.boot_time = time.monotonic() - self.boot_started
