@@ -18,17 +18,28 @@ from vhost.ffi import ffi, lib
 
 
 class BlockAcctType(IntEnum):
-    READ = 0
-    WRITE = 1
-    FLUSH = 2
-    UNMAP = 3
+    """QEMU's BlockAcctType; the values index the C counters (vhost/pyvu.h)."""
+
+    READ = lib.PYVU_ACCT_READ
+    WRITE = lib.PYVU_ACCT_WRITE
+    FLUSH = lib.PYVU_ACCT_FLUSH
+    UNMAP = lib.PYVU_ACCT_UNMAP
 
 
 _N = len(BlockAcctType)
 _PREFIX = {BlockAcctType.READ: "rd", BlockAcctType.WRITE: "wr",
            BlockAcctType.FLUSH: "flush", BlockAcctType.UNMAP: "unmap"}
-DEFAULT_BOUNDARIES_NS = [10_000, 100_000, 1_000_000, 10_000_000, 100_000_000, 1_000_000_000]
-MAX_BOUNDARIES = 6
+
+
+def _c_default_boundaries() -> list[int]:
+    """The histogram boundaries pyvu_blk_init sets (ns): C's, read back, never retyped."""
+    st = ffi.new("struct pyvu_blkstate *")
+    lib.pyvu_blk_init(st)
+    return [st.boundaries[i] for i in range(st.nbounds)]
+
+
+DEFAULT_BOUNDARIES_NS = _c_default_boundaries()
+MAX_BOUNDARIES = lib.PYVU_NBOUNDS
 
 
 class BlockAcctStats:

@@ -27,13 +27,15 @@ from blocklayer.aio import AioContext
 from blocklayer.graph import BdrvChild, bdrv_detach_children
 from blocklayer.iov import IOVector
 from blocklayer.rmw import RmwTracker
+from vhost.ffi import lib
 
 Completion = Callable[[int], None]
 
-# What the C request path can serve (_fastpath.c): nothing, null-co, a file through io_uring, a
+# What the C request path can serve (vhost/pyvu.h): nothing, null-co, a file through io_uring, a
 # Python driver that takes parsed requests in batches (``batch_io``), or a file through Linux AIO
 # (aio=native).
-DRV_NONE, DRV_NULL, DRV_FILE, DRV_PYBATCH, DRV_FILE_LAIO = 0, 1, 2, 3, 4
+DRV_NONE, DRV_NULL, DRV_FILE = lib.DRV_NONE, lib.DRV_NULL, lib.DRV_FILE
+DRV_PYBATCH, DRV_FILE_LAIO = lib.DRV_PYBATCH, lib.DRV_FILE_LAIO
 
 BDRV_REQ_MAY_UNMAP = 0x4  # write_zeroes may deallocate instead of writing
 BDRV_REQ_FUA = 0x10  # QEMU's flag value: write must be on stable storage before completing

@@ -20,7 +20,7 @@ from typing import Any
 from blocklayer.aio import AioContext
 from vhost.ffi import check_errno, ffi, lib
 
-OP_READ, OP_WRITE, OP_FSYNC = 0, 1, 2
+OP_READ, OP_WRITE, OP_FSYNC = lib.PYVU_OP_READ, lib.PYVU_OP_WRITE, lib.PYVU_OP_FSYNC
 RING_ENTRIES = 256
 # Test-only: tiny rings and AIO contexts make the "no room for now" paths of both engines run
 # (tests/integration/test_engine_limits.py).  Read once per context, never per request.
@@ -42,7 +42,7 @@ class LuringState:
         self._submit_scheduled = False
         self._ud = ffi.new("uint64_t[]", REAP_BATCH)
         self._res = ffi.new("int[]", REAP_BATCH)
-        self.token = (1 << 63) | int(ffi.cast("uintptr_t", self.ring))
+        self.token = lib.PYVU_TOKEN_C | int(ffi.cast("uintptr_t", self.ring))
         ctx.add_c_handler(self._efd, ffi.addressof(self.ring.h), self.token, self._on_completion)
 
     def submit(
@@ -98,7 +98,7 @@ def laio_get(ctx: AioContext) -> Any:
         st = ffi.new("struct pyvu_laio *")
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         check_errno(lib.pyvu_laio_init(st, efd, _X_LAIO_EVENTS), "io_setup")
-        token = (1 << 63) | int(ffi.cast("uintptr_t", st))
+        token = lib.PYVU_TOKEN_C | int(ffi.cast("uintptr_t", st))
         ctx.add_c_handler(efd, ffi.addressof(st.h), token, lambda: None)
         _laio[ctx] = st
     return st

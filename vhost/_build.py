@@ -142,29 +142,6 @@ int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max
 void pyvu_set_io_delay(int fd, unsigned every, uint64_t ns);
 
 /* _fastpath.c */
-#define PYVU_NKINDS 4
-#define PYVU_NBINS 7
-struct pyvu_blkstate {
-    int64_t in_flight;
-    uint64_t nr_ops[4], nr_bytes[4], failed_ops[4], invalid_ops[4], total_time_ns[4];
-    uint64_t bins[4][7];
-    uint64_t boundaries[6];
-    int nbounds;
-    uint64_t last_access_ns;
-    uint64_t fast_ops;
-    int64_t length;
-    int force_slow;
-    int wce;
-    int writable;
-    int driver;
-    int fd;
-    int64_t offset;
-    uint32_t align_mask;
-    uint32_t mem_mask;
-    int read_zeroes;
-    int no_flush;
-    uint32_t lbs;
-};
 void pyvu_blk_init(struct pyvu_blkstate *b);
 void pyvu_acct_done(struct pyvu_blkstate *b, int kind, uint64_t bytes, uint64_t ns);
 void pyvu_acct_failed(struct pyvu_blkstate *b, int kind, uint64_t ns);
@@ -231,6 +208,24 @@ extern "Python" void pyvu_cb_remove_watch(VuDev *, int);
 """
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_HEADER = os.path.join(HERE, "pyvu.h")
+
+
+def shared_cdef(header: str) -> str:
+    """The cffi declarations of vhost/pyvu.h: the header less its preprocessor lines other
+    than #define (include guards, #include), which cffi does not read."""
+    keep = []
+    for line in header.splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith("#") and not stripped.startswith("#define"):
+            continue
+        if stripped.startswith("#define PYVU_H"):
+            continue  # the include guard
+        keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
 def make_ffi() -> FFI:
     """Return the FFI builder (used by setuptools' ``cffi_modules``)."""
     try:
@@ -239,13 +234,14 @@ def make_ffi() -> FFI:
         sys.stderr.write(f"\nERROR: {e}\n\n")
         raise SystemExit(1) from None
     lvu = root / "subprojects" / "libvhost-user"
-    here = os.path.dirname(os.path.abspath(__file__))
-    glue = ""
+    with open(SHARED_HEADER, encoding="utf-8") as f:
+        header = f.read()
+    glue = header + "\n"
     for name in ("_pyvu.c", "_fastpath.c"):
-        with open(os.path.join(here, name), encoding="utf-8") as f:
+        with open(os.path.join(HERE, name), encoding="utf-8") as f:
             glue += f.read() + "\n"
     ffibuilder = FFI()
-    ffibuilder.cdef(CDEF)
+    ffibuilder.cdef(shared_cdef(header) + CDEF)
     ffibuilder.set_source(
         "vhost._vhost_user",
         # libvhost-user.c is compiled in the same translation unit (setuptools refuses

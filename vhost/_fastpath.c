@@ -38,13 +38,10 @@
 #include <linux/aio_abi.h>
 #include <time.h>
 
-#define PYVU_TOKEN_C      (1ULL << 63)
 #define PYVU_H_KICK       1
 #define PYVU_H_URING      2
 #define PYVU_H_LAIO       3
 #define PYVU_QMAX         1024
-#define PYVU_NKINDS       4     /* read, write, flush, unmap: as BlockAcctType */
-#define PYVU_NBINS        7
 
 #define VBLK_T_IN         0
 #define VBLK_T_OUT        1
@@ -52,13 +49,7 @@
 #define VBLK_T_BARRIER    0x80000000u
 #define VBLK_S_OK         0
 #define VBLK_S_IOERR      1
-#define BDRV_MAX_SECTORS  (0x7fffffffu >> 9)
 
-#define DRV_NONE          0
-#define DRV_NULL          1
-#define DRV_FILE          2
-#define DRV_PYBATCH       3     /* a Python driver that takes parsed requests in batches */
-#define DRV_FILE_LAIO     4     /* a file served with Linux AIO (aio=native, O_DIRECT) */
 
 static int pyvu_wait_efd = -1;
 static int pyvu_waiters;        /* > 0 while Python waits for some counter to drop */
@@ -80,39 +71,16 @@ static uint64_t pyvu_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
-/* ---- shared BlockBackend state ---- */
-
-struct pyvu_blkstate {
-    int64_t in_flight;
-    uint64_t nr_ops[PYVU_NKINDS], nr_bytes[PYVU_NKINDS], failed_ops[PYVU_NKINDS];
-    uint64_t invalid_ops[PYVU_NKINDS], total_time_ns[PYVU_NKINDS];
-    uint64_t bins[PYVU_NKINDS][PYVU_NBINS];
-    uint64_t boundaries[PYVU_NBINS - 1];
-    int nbounds;
-    uint64_t last_access_ns;
-    uint64_t fast_ops;          /* requests completed by the C path (for tests/stats) */
-    int64_t length;             /* bytes; < 0: no medium */
-    int force_slow;             /* the user forced the Python path */
-    int wce;                    /* write cache enabled (else writes are FUA) */
-    int writable;
-    int driver;                 /* DRV_* */
-    int fd;                     /* file driver: the image fd */
-    int64_t offset;             /* added to every request's offset (a raw node's offset=) */
-    uint32_t align_mask;        /* request alignment - 1 (O_DIRECT): others go to Python */
-    uint32_t mem_mask;          /* memory alignment - 1 of every buffer */
-    int read_zeroes;            /* null-co */
-    int no_flush;
-    uint32_t lbs;               /* logical block size */
-};
+/* ---- shared BlockBackend state (struct pyvu_blkstate: vhost/pyvu.h) ---- */
 
 static void pyvu_blk_init(struct pyvu_blkstate *b)
 {
-    static const uint64_t bounds[PYVU_NBINS - 1] = {
+    static const uint64_t bounds[PYVU_NBOUNDS] = {
         10000, 100000, 1000000, 10000000, 100000000, 1000000000,
     };
     memset(b, 0, sizeof(*b));
     memcpy(b->boundaries, bounds, sizeof(bounds));
-    b->nbounds = PYVU_NBINS - 1;
+    b->nbounds = PYVU_NBOUNDS;
     b->length = -1;
     b->wce = 1;
     b->lbs = 512;
@@ -571,7 +539,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     r->err = 0;
 
     if (type == VBLK_T_FLUSH) {
-        r->kind = 2;
+        r->kind = PYVU_ACCT_FLUSH;
         r->bytes = 0;
         r->in_len = 1;
         r->start_ns = pyvu_now_ns();
@@ -580,7 +548,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
             pyvu_fast_ok(r);
         } else if (b->driver == DRV_PYBATCH) {
             q->batch[q->nbatch++] = r;
-        } else if (pyvu_ring_prep(q->ring, r, 2) < 0) {
+        } else if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
             pyvu_fast_fail(r, -EIO);
         }
         return 1;
@@ -608,7 +576,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     for (unsigned i = 0; i < r->niov; i++) {
         r->bytes += r->iov[i].iov_len;
     }
-    r->kind = is_write ? 1 : 0;
+    r->kind = is_write ? PYVU_ACCT_WRITE : PYVU_ACCT_READ;
     r->in_len = is_write ? 1 : (uint32_t)r->bytes + 1;
     total = (uint64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE);
     if ((int64_t)total < 0) {
@@ -617,7 +585,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     }
     total >>= 9;
     nb = r->bytes >> 9;
-    if ((r->bytes & 511) || nb > BDRV_MAX_SECTORS || ((sector << 9) % b->lbs) ||
+    if ((r->bytes & 511) || nb > BDRV_REQUEST_MAX_SECTORS || ((sector << 9) % b->lbs) ||
         sector > total || nb > total - sector || (is_write && !b->writable)) {
         pyvu_acct_invalid(b, r->kind);
         r->in_len = 1;
@@ -654,7 +622,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
     if (b->driver == DRV_FILE_LAIO) {
         pyvu_laio_prep(q->laio, r, is_write);
-    } else if (pyvu_ring_prep(q->ring, r, is_write ? 1 : 0) < 0) {
+    } else if (pyvu_ring_prep(q->ring, r, is_write ? PYVU_OP_WRITE : PYVU_OP_READ) < 0) {
         pyvu_fast_fail(r, -EIO);
     }
     return 1;
@@ -777,8 +745,8 @@ static void pyvu_fast_cqe(struct pyvu_req *r, int res)
     if (r->fua) {
         r->fua = 0;
         r->type = VBLK_T_FLUSH;     /* the write is done; complete after the fsync */
-        r->kind = 1;
-        if (pyvu_ring_prep(q->ring, r, 2) < 0) {
+        r->kind = PYVU_ACCT_WRITE;
+        if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
             pyvu_fast_fail(r, -EIO);
         }
         return;
@@ -1071,7 +1039,7 @@ static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, in
         struct pyvu_req *r = q->failed[i];
         out[i] = &r->elem;
         err[i] = r->err;
-        type[i] = r->type == VBLK_T_FLUSH && r->kind == 1 ? VBLK_T_OUT : r->type;
+        type[i] = r->type == VBLK_T_FLUSH && r->kind == PYVU_ACCT_WRITE ? VBLK_T_OUT : r->type;
         pyvu_req_undo_status(r, &r->elem);   /* give back the status byte */
     }
     memmove(q->failed, q->failed + n, (q->nfailed - n) * sizeof(q->failed[0]));

@@ -711,10 +711,10 @@ static __thread int64_t pyvu_tls_uring_inflight;
 static void pyvu_uring_prep_sqe(struct io_uring_sqe *sqe, const struct pyvu_uring_op *o)
 {
     switch (o->op) {
-    case 0:
+    case PYVU_OP_READ:
         io_uring_prep_readv(sqe, o->fd, o->iov, o->niov, o->offset);
         break;
-    case 1:
+    case PYVU_OP_WRITE:
         io_uring_prep_writev(sqe, o->fd, o->iov, o->niov, o->offset);
         break;
     default:
@@ -843,14 +843,14 @@ static struct io_uring_sqe *pyvu_uring_sqe(struct pyvu_uring *u)
     return sqe;
 }
 
-/* op: 0 readv, 1 writev, 2 fsync.  Returns 0 (prepared, or kept in the backlog while the
+/* op: PYVU_OP_READ / WRITE / FSYNC.  Returns 0 (prepared, or kept in the backlog while the
  * submission queue is full) or -ENOMEM. */
 static int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *iov,
                            unsigned niov, uint64_t offset, uint64_t user_data)
 {
     struct io_uring_sqe *sqe;
     struct pyvu_uring_op o = { op, fd, iov, niov, offset, user_data };
-    uint64_t delay = op < 2 && !u->nbacklog ? pyvu_io_delay(fd) : 0;
+    uint64_t delay = op != PYVU_OP_FSYNC && !u->nbacklog ? pyvu_io_delay(fd) : 0;
     if (delay) {
         static __thread struct __kernel_timespec ts;   /* read at submission */
         if (io_uring_sq_space_left(&u->ring) < 2) {

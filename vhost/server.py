@@ -58,7 +58,7 @@ from vhost.ffi import ffi, lib
 
 log = logging.getLogger("pyvhost_blk.vhost")
 
-TOKEN_C = 1 << 63  # poller tokens for C objects with work for Python (see _fastpath.c)
+TOKEN_C = lib.PYVU_TOKEN_C  # poller tokens for C objects with work for Python (vhost/pyvu.h)
 TAKE_MAX = 64
 VHOST_USER_HDR_SIZE = 12
 MAX_PAYLOAD = 272  # sizeof(VhostUserMsg.payload): larger sizes are refused by pyvu_read_msg

@@ -57,7 +57,7 @@ from virtio.constants import (
 )
 
 MALFORMED = -1  # status for "no usable header or status byte": complete with in_len 0
-BDRV_REQUEST_MAX_SECTORS = (2**31 - 1) >> 9
+BDRV_REQUEST_MAX_SECTORS = lib.BDRV_REQUEST_MAX_SECTORS  # vhost/pyvu.h
 MAX_DISCARD_SECTORS = 32768  # per request, as QEMU's vhost-user-blk export advertises
 MAX_WRITE_ZEROES_SECTORS = 32768
 DWZ_SIZE = 16  # struct virtio_blk_discard_write_zeroes: le64 sector, le32 num, le32 flags

@@ -37,7 +37,7 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sdist_has_the_c_sources_and_no_libvhost_user(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for need in ("setup.py", "pyproject.toml", "vhost/_build.py", "vhost/_pyvu.c",
+    for need in ("setup.py", "pyproject.toml", "vhost/_build.py", "vhost/_pyvu.c", "vhost/pyvu.h",
                  "vhost/_fastpath.c", "vhost/libvhost_user_source.py"):
         assert need in names, f"{need} missing from the sdist"
     assert not any(n.endswith(("libvhost-user.c", "libvhost-user.h")) for n in names), \

@@ -1,0 +1,67 @@
+/*
+ * What the C request path and Python share: constants and the layout of the state both read.
+ * The one place they are written.  vhost/_build.py pastes this file first into the C source
+ * and derives the cffi declarations from it (every line except the preprocessor's other than
+ * #define), so Python reads them as lib.NAME and ffi's struct: nothing here is typed again in
+ * Python (tests/unit/test_shared_header.py checks what remains).
+ *
+ * cffi reads #define values as plain integer literals only: no expressions here.
+ */
+#ifndef PYVU_H
+#define PYVU_H
+
+#include <stdint.h>
+
+/* Poller tokens: a Python fd (a small number) or this bit | a C object's address. */
+#define PYVU_TOKEN_C 0x8000000000000000
+
+/* What the C request path can serve (BlockBackend.update_c_state sets blkstate.driver). */
+#define DRV_NONE 0          /* nothing: every request goes to Python */
+#define DRV_NULL 1          /* null-co */
+#define DRV_FILE 2          /* a file through io_uring */
+#define DRV_PYBATCH 3       /* a Python driver that takes parsed requests in batches */
+#define DRV_FILE_LAIO 4     /* a file through Linux AIO (aio=native, O_DIRECT) */
+
+/* Accounting kinds (QEMU's BlockAcctType) and the latency histogram's size. */
+#define PYVU_ACCT_READ 0
+#define PYVU_ACCT_WRITE 1
+#define PYVU_ACCT_FLUSH 2
+#define PYVU_ACCT_UNMAP 3
+#define PYVU_NKINDS 4
+#define PYVU_NBINS 7
+#define PYVU_NBOUNDS 6      /* PYVU_NBINS - 1 */
+
+/* io_uring operations of pyvu_uring_prep. */
+#define PYVU_OP_READ 0
+#define PYVU_OP_WRITE 1
+#define PYVU_OP_FSYNC 2
+
+/* The largest request in 512-byte sectors (QEMU's BDRV_REQUEST_MAX_SECTORS). */
+#define BDRV_REQUEST_MAX_SECTORS 4194303
+
+/* One per BlockBackend: the in-flight count and accounting of both request paths, and the
+ * flags that decide which path serves a request. */
+struct pyvu_blkstate {
+    int64_t in_flight;
+    uint64_t nr_ops[PYVU_NKINDS], nr_bytes[PYVU_NKINDS], failed_ops[PYVU_NKINDS];
+    uint64_t invalid_ops[PYVU_NKINDS], total_time_ns[PYVU_NKINDS];
+    uint64_t bins[PYVU_NKINDS][PYVU_NBINS];
+    uint64_t boundaries[PYVU_NBOUNDS];
+    int nbounds;
+    uint64_t last_access_ns;
+    uint64_t fast_ops;          /* requests completed by the C path (for tests/stats) */
+    int64_t length;             /* bytes; < 0: no medium */
+    int force_slow;             /* the user forced the Python path */
+    int wce;                    /* write cache enabled (else writes are FUA) */
+    int writable;
+    int driver;                 /* DRV_* */
+    int fd;                     /* file driver: the image fd */
+    int64_t offset;             /* added to every request's offset (a raw node's offset=) */
+    uint32_t align_mask;        /* request alignment - 1 (O_DIRECT): others go to Python */
+    uint32_t mem_mask;          /* memory alignment - 1 of every buffer */
+    int read_zeroes;            /* null-co */
+    int no_flush;
+    uint32_t lbs;               /* logical block size */
+};
+
+#endif
