@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 # Importing the drivers registers them.
+import blocklayer.drivers.delay  # noqa: F401
 import blocklayer.drivers.file  # noqa: F401
 import blocklayer.drivers.host_device  # noqa: F401
 import blocklayer.drivers.memory  # noqa: F401

@@ -139,7 +139,6 @@ int pyvu_uring_submit(struct pyvu_uring *u);
 int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *iov,
                     unsigned niov, uint64_t offset, uint64_t user_data);
 int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max);
-void pyvu_set_io_delay(int fd, unsigned every, uint64_t ns);
 
 /* _fastpath.c */
 void pyvu_blk_init(struct pyvu_blkstate *b);

@@ -786,53 +786,6 @@ static int pyvu_uring_defer(struct pyvu_uring *u, const struct pyvu_uring_op *o)
     return 0;
 }
 
-/*
- * Test-only: delay every Nth read/write on an fd (x-delay-every/x-delay-us on a file node), so
- * that requests complete out of order below both request paths.  A delayed request is a
- * timeout linked before the I/O; the timeout's completion carries user_data 0 and is ignored.
- */
-#define PYVU_DELAY_SLOTS 8
-static struct { int fd; unsigned every; uint64_t ns; unsigned count; } pyvu_delays[PYVU_DELAY_SLOTS];
-static pthread_mutex_t pyvu_delay_lock = PTHREAD_MUTEX_INITIALIZER;
-static int pyvu_any_delay;      /* set once a delay was ever configured */
-
-static void pyvu_set_io_delay(int fd, unsigned every, uint64_t ns)
-{
-    pthread_mutex_lock(&pyvu_delay_lock);
-    if (every) {
-        pyvu_any_delay = 1;
-    }
-    for (int i = 0; i < PYVU_DELAY_SLOTS; i++) {
-        if (pyvu_delays[i].fd == fd || (every && !pyvu_delays[i].every)) {
-            pyvu_delays[i].fd = fd;
-            pyvu_delays[i].every = every;
-            pyvu_delays[i].ns = ns;
-            pyvu_delays[i].count = 0;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&pyvu_delay_lock);
-}
-
-static uint64_t pyvu_io_delay(int fd)
-{
-    uint64_t ns = 0;
-    if (!pyvu_any_delay) {
-        return 0;   /* the common case: no delay configured at all */
-    }
-    pthread_mutex_lock(&pyvu_delay_lock);
-    for (int i = 0; i < PYVU_DELAY_SLOTS; i++) {
-        if (pyvu_delays[i].every && pyvu_delays[i].fd == fd) {
-            if (++pyvu_delays[i].count % pyvu_delays[i].every == 0) {
-                ns = pyvu_delays[i].ns;
-            }
-            break;
-        }
-    }
-    pthread_mutex_unlock(&pyvu_delay_lock);
-    return ns;
-}
-
 static struct io_uring_sqe *pyvu_uring_sqe(struct pyvu_uring *u)
 {
     struct io_uring_sqe *sqe = u->nbacklog ? NULL : io_uring_get_sqe(&u->ring);
@@ -850,31 +803,12 @@ static int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct io
 {
     struct io_uring_sqe *sqe;
     struct pyvu_uring_op o = { op, fd, iov, niov, offset, user_data };
-    uint64_t delay = op != PYVU_OP_FSYNC && !u->nbacklog ? pyvu_io_delay(fd) : 0;
-    if (delay) {
-        static __thread struct __kernel_timespec ts;   /* read at submission */
-        if (io_uring_sq_space_left(&u->ring) < 2) {
-            pyvu_uring_submit(u);
-        }
-        sqe = io_uring_sq_space_left(&u->ring) >= 2 ? io_uring_get_sqe(&u->ring) : NULL;
-        if (sqe) {
-            ts.tv_sec = delay / 1000000000ull;
-            ts.tv_nsec = delay % 1000000000ull;
-            io_uring_prep_timeout(sqe, &ts, 0, IORING_TIMEOUT_ETIME_SUCCESS);
-            io_uring_sqe_set_data64(sqe, 0);
-            sqe->flags |= IOSQE_IO_LINK;
-            u->pending++;
-        }
-    }
     sqe = pyvu_uring_sqe(u);
     if (!sqe) {
         return pyvu_uring_defer(u, &o);
     }
     pyvu_uring_prep_sqe(sqe, &o);
     u->pending++;
-    if (delay) {
-        pyvu_uring_submit(u);   /* the static timespec is read at submission: submit the pair */
-    }
     return 0;
 }
 
@@ -884,12 +818,9 @@ static int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, 
     struct io_uring_cqe *cqe;
     int n = 0;
     while (n < max && io_uring_peek_cqe(&u->ring, &cqe) == 0) {
-        uint64_t ud = io_uring_cqe_get_data64(cqe);
-        if (ud) {               /* 0: a test-only delay's timeout, nothing to report */
-            user_data[n] = ud;
-            res[n] = cqe->res;
-            n++;
-        }
+        user_data[n] = io_uring_cqe_get_data64(cqe);
+        res[n] = cqe->res;
+        n++;
         io_uring_cqe_seen(&u->ring, cqe);
         if (pyvu_tls_uring_inflight > 0) {
             pyvu_tls_uring_inflight--;

@@ -35,7 +35,7 @@ from blocklayer.file_lock import ImageLock, ImageLockError
 from blocklayer.io_uring import OP_FSYNC, OP_READ, OP_WRITE, luring_get
 from blocklayer.iov import IOVector
 from blocklayer.thread_pool import thread_pool_submit_aio
-from pyvhost_blk.keyval import to_int, to_str
+from pyvhost_blk.keyval import to_str
 from vhost.ffi import ffi, lib
 
 _aio_mode = enum_of("threads", "io_uring", "native")
@@ -49,10 +49,6 @@ class FileDriver(BlockDriver):
         "filename": to_str,
         "aio": _aio_mode,
         "locking": _locking,
-        # test-only: delay every Nth read/write by some microseconds (io_uring), so requests
-        # complete out of order below both request paths (crash-recovery tests)
-        "x-delay-every": to_int,
-        "x-delay-us": to_int,
     }
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
@@ -83,12 +79,6 @@ class FileDriver(BlockDriver):
             os.close(self.fd)
             raise BlockDriverError(str(e)) from None
         self._length = self._query_length()
-        self.delay_every = opts.get("x-delay-every", 0)
-        if self.delay_every:
-            if self.aio != "io_uring":
-                os.close(self.fd)
-                raise BlockDriverError("x-delay-every needs aio=io_uring")
-            lib.pyvu_set_io_delay(self.fd, self.delay_every, opts.get("x-delay-us", 1000) * 1000)
 
     def _query_length(self) -> int:
         size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -207,8 +197,6 @@ class FileDriver(BlockDriver):
 
     def close(self) -> None:
         if self.fd >= 0:
-            if self.delay_every:
-                lib.pyvu_set_io_delay(self.fd, 0, 0)
             self.lock.release()
             os.close(self.fd)
             self.fd = -1

@@ -7,10 +7,9 @@ error and no verify error.
 
 QEMU rewinds a queue to its used index when the backend dies, so a backend that completes in
 order survives even without the tracking.  The second test makes requests complete out of order
-on purpose (a test-only delay on every 7th read/write, in the driver: below both the C and the
-Python request path) and shows both sides: with the tracking fio passes; without it
-(``x-inflight=off``) a request that was in flight while later ones completed is lost, and the
-guest's fio fails or hangs.
+on purpose (the test-only ``x-delay`` filter above the file delays every 7th read/write) and
+shows both sides: with the tracking fio passes; without it (``x-inflight=off``) a request that
+was in flight while later ones completed is lost, and the guest's fio fails or hangs.
 """
 
 from __future__ import annotations
@@ -41,14 +40,16 @@ def _serving_again(daemon: DaemonProcess, since: float, limit: float = 20.0) -> 
     raise AssertionError(f"QEMU did not reconnect and resume within {limit} s:\n{daemon.log()}")
 
 
-def _kill_loop(tmp_path: Path, guest_image, node_extra: str, export_extra: str,
+def _kill_loop(tmp_path: Path, guest_image, delay: bool, export_extra: str,
                expect_survival: bool) -> None:
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(256 << 20)
     sock = tmp_path / "vhost.sock"
     args = [
-        "--blockdev", f"driver=file,node-name=disk0,filename={img},aio=io_uring{node_extra}",
+        "--blockdev", (f"driver=x-delay,node-name=disk0,every=7,delay-us=20000,"
+                       f"file.driver=file,file.filename={img},file.aio=io_uring") if delay
+                      else f"driver=file,node-name=disk0,filename={img},aio=io_uring",
         "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
                     f"addr.path={sock},writable=on,num-queues=2{export_extra}",
     ]
@@ -98,12 +99,12 @@ def _kill_loop(tmp_path: Path, guest_image, node_extra: str, export_extra: str,
 
 def test_sigkill_three_times_during_fio_verify(tmp_path: Path, guest_image) -> None:
     """In-order completion: survives three kills (with the tracking on, as by default)."""
-    _kill_loop(tmp_path, guest_image, "", "", expect_survival=True)
+    _kill_loop(tmp_path, guest_image, False, "", expect_survival=True)
 
 
 @pytest.mark.parametrize("inflight", [True, False], ids=["tracked", "untracked"])
 def test_out_of_order_completion_needs_inflight_tracking(
     tmp_path: Path, guest_image, inflight: bool
 ) -> None:
-    _kill_loop(tmp_path, guest_image, ",x-delay-every=7,x-delay-us=20000",
+    _kill_loop(tmp_path, guest_image, True,
                "" if inflight else ",x-inflight=off", expect_survival=inflight)

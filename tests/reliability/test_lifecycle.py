@@ -131,8 +131,8 @@ def test_frontend_waits_while_previous_one_closes(tmp_path: Path) -> None:
     img.write_bytes(pattern(0, 64))
     sock = str(tmp_path / "vhost.sock")
     with DaemonProcess([
-        "--blockdev", f"driver=file,node-name=d,filename={img},aio=io_uring,"
-                      "x-delay-every=1,x-delay-us=300000",
+        "--blockdev", f"driver=x-delay,node-name=d,every=1,delay-us=300000,"
+                      f"file.driver=file,file.filename={img},file.aio=io_uring",
         "--export", f"type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={sock},"
                     "writable=on",
     ], tmp_path) as d:
