@@ -142,6 +142,10 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False,
             raise KeyvalError(f"Parameter '{name}' is unexpected")
         opts[name] = conv(value, name, from_json=from_json)
     node_name = opts["node-name"]
+    if opts.get("detect-zeroes") == "unmap" and opts.get("discard", "ignore") not in (
+            "unmap", "on"):
+        raise KeyvalError("setting detect-zeroes to unmap is not allowed without setting "
+                          "discard operation to unmap")
     # Internal nodes (inline children, blockdev-change-medium's) are named '#blockN', like
     # QEMU's anonymous nodes: a name no user can give.
     if not (internal and node_name.startswith("#")) and not _NODE_NAME.match(node_name):

@@ -16,6 +16,8 @@ every node are applied here once:
   writes to one block both land.  Misaligned guest memory alone is bounced without padding.
   Drivers never see a request their node cannot take.  (The C request path serves only aligned
   requests and leaves the rest to this code; see ``pyvu_blkstate.align_mask``.)
+* ``detect-zeroes=on|unmap``: a write of nothing but zeroes becomes a write-zeroes (which may
+  deallocate with ``unmap``, QEMU's bdrv_co_do_zero_pwritev shortcut).
 * A discard reaches the driver only on a node opened with ``discard=unmap`` (BDRV_O_UNMAP), and
   only its aligned part (discard is advisory); a write-zeroes may deallocate only there; one the
   driver cannot do, or an unaligned one, is written as zeroed buffers
@@ -88,6 +90,18 @@ def bdrv_aio_preadv(bs: BlockDriverState, ctx: AioContext, offset: int, qiov: IO
 
 def bdrv_aio_pwritev(bs: BlockDriverState, ctx: AioContext, offset: int, qiov: IOVector,
                      flags: int, cb: Completion) -> None:
+    if bs.detect_zeroes != "off" and qiov.size and lib.pyvu_iov_is_zero(qiov.iov, qiov.niov):
+        if bs.detect_zeroes == "unmap":
+            flags |= BDRV_REQ_MAY_UNMAP
+        bdrv_aio_pwrite_zeroes(bs, ctx, offset, qiov.size, flags, cb)
+        return
+    _pwritev(bs, ctx, offset, qiov, flags, cb)
+
+
+def _pwritev(bs: BlockDriverState, ctx: AioContext, offset: int, qiov: IOVector, flags: int,
+             cb: Completion) -> None:
+    """A write, padded or bounced if the node needs it (no zero detection: the zero-write
+    fallback comes through here too)."""
     if _fits(bs, offset, qiov):
         bs.drv.aio_pwritev(ctx, offset, qiov, flags, cb)
         return
@@ -195,4 +209,4 @@ def _write_zero_buffers(bs: BlockDriverState, ctx: AioContext, offset: int, nbyt
         else:
             _write_zero_buffers(bs, ctx, offset + n, nbytes - n, flags, cb)
 
-    bdrv_aio_pwritev(bs, ctx, offset, qiov, flags, next_chunk)  # padded if need be
+    _pwritev(bs, ctx, offset, qiov, flags, next_chunk)  # padded if need be

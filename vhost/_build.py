@@ -131,6 +131,7 @@ int pyvu_iov_slice(const struct iovec *src, unsigned n, size_t skip, size_t trim
 size_t pyvu_iov_to_buf(const struct iovec *iov, unsigned n, void *buf, size_t len);
 size_t pyvu_iov_from_buf(const struct iovec *iov, unsigned n, const void *buf, size_t len);
 void pyvu_iov_memset(const struct iovec *iov, unsigned n, size_t start, int byte);
+int pyvu_iov_is_zero(const struct iovec *iov, unsigned n);
 
 struct pyvu_uring { int efd; ...; };
 int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd);

@@ -900,6 +900,34 @@ static size_t pyvu_iov_from_buf(const struct iovec *iov, unsigned n, const void 
 }
 
 /* Fill an iovec array with a byte from offset `start` on. */
+/* 1 if every byte of the vector is zero (detect-zeroes).  Word-at-a-time where aligned. */
+static int pyvu_iov_is_zero(const struct iovec *iov, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++) {
+        const unsigned char *p = iov[i].iov_base;
+        size_t len = iov[i].iov_len;
+        while (len && ((uintptr_t)p & 7)) {
+            if (*p++) {
+                return 0;
+            }
+            len--;
+        }
+        for (; len >= 8; p += 8, len -= 8) {
+            uint64_t w;
+            memcpy(&w, p, 8);
+            if (w) {
+                return 0;
+            }
+        }
+        while (len--) {
+            if (*p++) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
 static void pyvu_iov_memset(const struct iovec *iov, unsigned n, size_t start, int byte)
 {
     for (unsigned i = 0; i < n; i++) {
