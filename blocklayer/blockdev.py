@@ -35,7 +35,7 @@ from blocklayer.bdrv import (
 )
 from blocklayer.blockdev_options import enum_of
 from blocklayer.graph import bdrv_attach_child
-from pyvhost_blk.keyval import KeyvalError, to_bool, to_str
+from blocklayer.qapi import KeyvalError, to_bool, to_str
 
 COMMON_OPTIONS = {
     "driver": to_str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pyvhost_blk.keyval import KeyvalError, to_str
+from blocklayer.qapi import KeyvalError, to_str
 
 
 def enum_of(*choices: str) -> Callable[..., str]:

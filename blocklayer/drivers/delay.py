@@ -30,7 +30,7 @@ from blocklayer.io import (
     bdrv_aio_pwritev,
 )
 from blocklayer.iov import IOVector
-from pyvhost_blk.keyval import to_int
+from blocklayer.qapi import to_int
 
 
 @bdrv_register

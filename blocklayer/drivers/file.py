@@ -34,8 +34,8 @@ from blocklayer.blockdev_options import enum_of
 from blocklayer.file_lock import ImageLock, ImageLockError
 from blocklayer.io_uring import OP_FSYNC, OP_READ, OP_WRITE, luring_get
 from blocklayer.iov import IOVector
+from blocklayer.qapi import to_str
 from blocklayer.thread_pool import thread_pool_submit_aio
-from pyvhost_blk.keyval import to_str
 from vhost.ffi import ffi, lib
 
 _aio_mode = enum_of("threads", "io_uring", "native")

@@ -16,7 +16,7 @@ from typing import Any
 from blocklayer.aio import AioContext
 from blocklayer.bdrv import DRV_PYBATCH, BlockDriver, Completion, FastPathInfo, bdrv_register
 from blocklayer.iov import IOVector
-from pyvhost_blk.keyval import to_size
+from blocklayer.qapi import to_size
 from vhost.ffi import ffi, lib
 
 DEFAULT_SIZE = 64 << 20

@@ -10,7 +10,7 @@ from typing import Any
 from blocklayer.aio import AioContext
 from blocklayer.bdrv import DRV_NULL, BlockDriver, Completion, FastPathInfo, bdrv_register
 from blocklayer.iov import IOVector
-from pyvhost_blk.keyval import to_bool, to_int, to_size
+from blocklayer.qapi import to_bool, to_int, to_size
 
 DEFAULT_SIZE = 1 << 30  # QEMU's null-co default: 1 GiB
 

@@ -34,7 +34,7 @@ from blocklayer.io import (
     bdrv_aio_pwritev,
 )
 from blocklayer.iov import IOVector
-from pyvhost_blk.keyval import to_size
+from blocklayer.qapi import to_size
 
 SECTOR = 512
 _C_KINDS = (DRV_NULL, DRV_FILE, DRV_FILE_LAIO)  # leaves whose requests C can shift
