@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from pyvhost_blk.keyval import KeyvalError, ParsedOption, to_bool, to_int, to_str
 from pyvhost_blk.qmp import Monitor, QmpDispatcher
-from vhost.server import SocketInUse, listen_unix
+from vhost.server import SocketInUse, SocketPathError, listen_unix
 
 __all__ = [
     "ChardevSpec",
@@ -183,7 +183,7 @@ def _open_listener(spec: ChardevSpec) -> socket.socket:
     if spec.path is not None:
         try:
             return listen_unix(spec.path)
-        except SocketInUse as e:
+        except (SocketInUse, SocketPathError) as e:
             raise KeyvalError(str(e)) from None
         except OSError as e:
             raise KeyvalError(

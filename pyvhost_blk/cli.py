@@ -1,8 +1,8 @@
 """qemu-storage-daemon's command line, parsed in order.
 
 ``pyvhost-blk [--blockdev OPTS]... [--export OPTS]... [--object OPTS]... [--chardev OPTS]...
-[--monitor OPTS]... [--pidfile PATH] [--stats-file PATH]``; each option may be written
-``--opt VALUE`` or ``--opt=VALUE``; VALUE is QEMU keyval syntax or JSON (``{...}``).
+[--monitor OPTS]... [--pidfile PATH] [--stats-file PATH] [--log-format text|json]``; each option
+may be written ``--opt VALUE`` or ``--opt=VALUE``; VALUE is QEMU keyval syntax or JSON (``{...}``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyvhost_blk.keyval import ParsedOption, parse_option
+from pyvhost_blk.logs import DEFAULT_LOG_FORMAT, LOG_FORMATS
 
 USAGE = """\
 Usage: pyvhost-blk [options]
@@ -29,9 +30,15 @@ A virtio-blk vhost-user backend (qemu-storage-daemon compatible command line).
                             export a node over an inherited listening socket
   --object iothread,id=<id>[,poll-max-ns=<ns>]
                             an I/O thread (one event loop) for export queues
+  --object x-prometheus,id=<id>,port=<port>[,addr=<address>]
+                            serve Prometheus metrics on http://<address>:<port>/metrics
+                            (default address 127.0.0.1; port=0 picks a free port, logged)
+                            (pyvhost-blk extension)
   --pidfile <path>          write the process ID to a file after startup
   --stats-file <path>       write per-export/queue/iothread counters as JSON at exit
                             and on SIGUSR1 (pyvhost-blk extension)
+  --log-format text|json    log lines as 'pyvhost-blk: <message>' (text, the default) or
+                            as one JSON object per line (pyvhost-blk extension)
 
 Send SIGTERM or SIGINT to finish in-flight requests, remove the sockets and exit.
 """
@@ -44,7 +51,7 @@ _IMPLIED = {
     "chardev": "backend",
     "monitor": "chardev",
 }
-_PLAIN = ("pidfile", "stats-file")
+_PLAIN = ("pidfile", "stats-file", "log-format")
 
 
 class UsageError(Exception):
@@ -56,6 +63,7 @@ class CommandLine:
     items: list[tuple[str, str, ParsedOption]] = field(default_factory=list)  # (opt, text, parsed)
     pidfile: str | None = None
     stats_file: str | None = None
+    log_format: str = DEFAULT_LOG_FORMAT
     help: bool = False
     version: bool = False
 
@@ -91,6 +99,11 @@ def parse_args(argv: list[str]) -> CommandLine:
             cl.pidfile = value
         elif name == "stats-file":
             cl.stats_file = value
+        elif name == "log-format":
+            if value not in LOG_FORMATS:
+                raise UsageError(f"--log-format {value}: invalid log format "
+                                 f"(expected {' or '.join(repr(f) for f in LOG_FORMATS)})")
+            cl.log_format = value
         else:
             try:
                 parsed = parse_option(value, _IMPLIED[name])

@@ -5,7 +5,8 @@ Theory of operation
 Everything is created in the main thread before the main loop starts: ``--object iothread``
 first (so exports can name them whatever the order), then ``--blockdev`` nodes, then
 ``--export``s, each with its listening socket.  The main loop (``qemu_get_aio_context()``)
-dispatches vhost-user messages and serves queues that have no iothread.
+dispatches vhost-user messages and serves queues that have no iothread.  Just before it runs,
+systemd (``NOTIFY_SOCKET``) hears ``READY=1``; shutdown begins with ``STOPPING=1`` (systemd.py).
 
 SIGTERM/SIGINT/SIGHUP schedule a shutdown into the main loop: every export stops accepting,
 lets its in-flight requests finish, disconnects, and removes its socket; then the iothreads stop,
@@ -20,13 +21,14 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blocklayer.aio import DEFAULT_POLL_MAX_NS, qemu_get_aio_context
 from blocklayer.bdrv import BlockDriverError, bdrv_nodes
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import set_event_emitter
 from blocklayer.iothread import IOThread
+from pyvhost_blk import systemd
 from pyvhost_blk.chardev import MonitorOptionError, create_monitors
 from pyvhost_blk.cli import CommandLine, UsageError
 from pyvhost_blk.exports import export_add
@@ -43,12 +45,19 @@ from pyvhost_blk.qmp_commands import BlockCommands
 from vhost.server import SocketInUse, VuServer
 from virtio.blk_export import VhostUserBlkExport
 
+if TYPE_CHECKING:
+    from pyvhost_blk.metrics import PrometheusExporter
+
 log = logging.getLogger("pyvhost_blk")
 
 
 
 class Daemon:
     def __init__(self) -> None:
+        try:  # LISTEN_FDS first, before fds of our own can sit where passed ones should be
+            systemd.activation()
+        except systemd.ActivationError as e:
+            raise UsageError(f"socket activation: {e}") from None
         self.main_ctx = qemu_get_aio_context()
         self.iothreads: dict[str, IOThread] = {}
         self.main_loop_id: str | None = None
@@ -59,6 +68,7 @@ class Daemon:
         self.done = False
         self.qmp = QmpDispatcher(on_quit=lambda: self.shutdown("quit"))
         self.monitors: list[Monitor] = []
+        self.metrics: dict[str, PrometheusExporter] = {}  # x-prometheus objects, by id
         set_event_emitter(self.qmp.emit)
         BlockCommands(self, self.qmp)
 
@@ -98,13 +108,19 @@ class Daemon:
         if qom_type == "main-loop":
             self.main_loop_add(p)
             return
+        if qom_type == "x-prometheus":
+            from pyvhost_blk.metrics import prometheus_object_add  # prometheus_client if asked
+
+            m = prometheus_object_add(p, self)
+            self.metrics[m.id] = m
+            return
         if qom_type != "iothread":
             raise KeyvalError(f"Invalid object type '{qom_type}' "
-                              "(pyvhost-blk has 'iothread' and 'main-loop')")
+                              "(pyvhost-blk has 'iothread', 'main-loop' and 'x-prometheus')")
         check_keys(v, ("qom-type", "id", "poll-max-ns", "poll-grow", "poll-shrink",
                        "aio-max-batch", "thread-pool-min", "thread-pool-max"))
         oid = to_str(require(v, "id"), "id", from_json=j)
-        if oid in self.iothreads:
+        if oid in self.iothreads or oid in self.metrics:
             raise KeyvalError(
                 f"attempt to add duplicate property '{oid}' to object (type 'container')"
             )
@@ -157,6 +173,8 @@ class Daemon:
             t.stop()
         for m in self.monitors:
             m.close()
+        for x in self.metrics.values():
+            x.close()
         if self.pidfile:
             try:
                 os.unlink(self.pidfile)
@@ -174,6 +192,7 @@ class Daemon:
             lambda *_: self.main_ctx.schedule_from_signal_handler(self.write_stats),
         )
         self._wake_on_signals()
+        self._notify_ready()
         self.main_ctx.run(should_stop=lambda: self.done)
         return 0
 
@@ -198,6 +217,19 @@ class Daemon:
         signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
         self.main_ctx.set_fd_handler(r.fileno(), drain)
 
+    def _notify_ready(self) -> None:
+        """Every export listens and the loop is about to run: tell systemd (``Type=notify``)
+        with READY=1, and warn about activation sockets no export serves.  Main thread."""
+        for warning in systemd.leftovers():
+            log.warning("%s", warning)
+        where = [s.path or f"fd {s.listener.fileno()}" for s in self.servers]
+        systemd.notify(
+            "READY=1",
+            f"STATUS=serving {len(where)} export{'' if len(where) == 1 else 's'}"
+            + (f" on {', '.join(where)}" if where else ""),
+            f"MAINPID={os.getpid()}",
+        )
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.main_ctx.schedule_from_signal_handler(self.shutdown, signal.Signals(signum).name)
 
@@ -206,7 +238,8 @@ class Daemon:
         if self.shutting_down:
             return
         self.shutting_down = True
-        log.info("%s: shutting down", why)
+        log.info("%s: shutting down", why, extra={"event": "shutdown", "reason": why})
+        systemd.notify("STOPPING=1", f"STATUS=shutting down ({why})")
         remaining = [len(self.servers)]
 
         def one_done() -> None:
@@ -223,6 +256,8 @@ class Daemon:
         self.write_stats()
         for m in self.monitors:
             m.close()
+        for x in self.metrics.values():
+            x.close()
         for t in self.iothreads.values():
             t.stop()
         for exp in self.exports.values():

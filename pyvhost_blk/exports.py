@@ -3,7 +3,8 @@
 Options (qemu-storage-daemon's vhost-user-blk export, plus ours marked *):
 ``type``, ``id``, ``node-name``, ``writable``, ``writethrough``, ``iothread`` (one id or a list),
 ``fixed-iothread``, ``addr`` (``unix`` + ``path``, or ``fd`` + ``str``), ``logical-block-size``,
-``num-queues``, ``share-rw``\\*, ``removable``\\*, ``rerror``\\*, ``werror``\\*, ``serial``\\*,
+``num-queues`` (default 64, qsd's is 1: see DEFAULT_QUEUES), ``share-rw``\\*, ``removable``\\*,
+``rerror``\\*, ``werror``\\*, ``serial``\\*,
 ``fast-path``\\* (on: requests C can serve skip Python; off: every request goes through the
 Python handler, e.g. to compare or debug), ``socket-mode``\\* (the UNIX socket's permissions,
 octal, default 0600: only the daemon's user may connect).
@@ -37,6 +38,11 @@ EXPORT_KEYS = (
     "serial", "fast-path", "socket-mode", "x-inflight",
 )
 MAX_QUEUES = 64
+# Default num-queues (qsd's is 1): the most we serve.  QEMU's vhost-user-blk-pci asks for one
+# queue per vCPU unless told otherwise (libvirt: <driver queues='N'/>) and refuses a backend
+# that offers fewer; a queue the frontend does not enable costs up to 33 KiB (struct pyvu_fastq)
+# once a frontend connects, nothing before (docs/libvirt.md).
+DEFAULT_QUEUES = MAX_QUEUES
 RERROR = ("report", "ignore", "stop")
 WERROR = ("report", "ignore", "enospc", "stop")
 
@@ -73,7 +79,7 @@ def export_add(
     writable = _opt(v, "writable", to_bool, False, j)
     writethrough = _opt(v, "writethrough", to_bool, False, j)
     _opt(v, "fixed-iothread", to_bool, False, j)
-    nq = _opt(v, "num-queues", to_int, 1, j, "uint16")
+    nq = _opt(v, "num-queues", to_int, DEFAULT_QUEUES, j, "uint16")
     if nq == 0:
         raise KeyvalError("num-queues must be greater than 0")
     if nq > MAX_QUEUES:
@@ -122,7 +128,11 @@ def export_add(
 
 def listen_on(addr: dict[str, Any], j: bool,
               mode: int = 0o600) -> tuple[socket.socket, str | None]:
-    """A listening socket for a QAPI SocketAddress (unix or an inherited fd)."""
+    """A listening socket for a QAPI SocketAddress (unix or an inherited fd).  ``addr.str``
+    of ``fd`` is a fd number, as in qsd, or a socket-activation name (``LISTEN_FDNAMES``,
+    systemd's ``FileDescriptorName=``) where qsd would take a monitor fd name."""
+    from pyvhost_blk import systemd  # only addr.type=fd needs it
+
     atype = to_str(require(addr, "type", "addr"), "addr.type", from_json=j)
     if atype == "unix":
         check_keys(addr, ("type", "path", "abstract", "tight"), "addr")
@@ -131,7 +141,12 @@ def listen_on(addr: dict[str, Any], j: bool,
     if atype == "fd":
         check_keys(addr, ("type", "str"), "addr")
         s = to_str(require(addr, "str", "addr"), "addr.str", from_json=j)
-        if not s.isdigit():
-            raise KeyvalError(f"addr.str '{s}' is not a file descriptor number")
-        return listen_fd(int(s)), None
+        try:
+            fd = systemd.activation().take(s)
+            what = f"fd {fd}" + ("" if systemd.is_number(s) else
+                                 f" (socket-activation name '{s}')")
+            systemd.check_listener(fd, what)
+        except systemd.ActivationError as e:
+            raise KeyvalError(f"addr.str '{s}': {e}") from None
+        return listen_fd(fd), None
     raise KeyvalError(f"Parameter 'addr.type' does not accept value '{atype}'")

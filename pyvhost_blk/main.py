@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 from pyvhost_blk import __version__
 from pyvhost_blk.cli import USAGE, UsageError, parse_args
+from pyvhost_blk.logs import log_level, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=os.environ.get("PYVHOST_BLK_LOG", "INFO").upper(),
-        format="pyvhost-blk: %(message)s",
-    )
     try:
         cl = parse_args(argv)
         if cl.help:
@@ -24,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         if cl.version:
             print(f"pyvhost-blk {__version__}")
             return 0
+        try:
+            setup_logging(cl.log_format, log_level())
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         from pyvhost_blk.daemon import Daemon  # imports the C extension
 
         daemon = Daemon()

@@ -60,7 +60,11 @@ class DaemonProcess:
             env={**os.environ, **(env or {})}, pass_fds=pass_fds,
         )
         if wait_sockets:
-            self.wait_for_sockets()
+            try:
+                self.wait_for_sockets()
+            except BaseException:
+                self.close()  # a daemon that never listened is not left running
+                raise
 
     def wait_for_sockets(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

@@ -447,7 +447,9 @@ class VuConnection:
         self._closing = True
         self.quiescing = True
         self._update_paused()
-        log.info("%s: %s", self.server.name, why)
+        log.info("%s: %s", self.server.name, why,
+                 extra={"export": self.server.name, "event": "frontend-disconnected",
+                        "reason": why})
         if self.in_flight() > 0:
             self._wait_for_quiesce(self._finish_close)
         else:
@@ -567,21 +569,26 @@ class VuServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            log.warning("%s: accept failed: %s", self.name, e)
+            log.warning("%s: accept failed: %s", self.name, e,
+                        extra={"export": self.name, "event": "accept-failed"})
             return
         if self.conn is not None:
-            log.warning("%s: refusing a second frontend while one is attached", self.name)
+            log.warning("%s: refusing a second frontend while one is attached", self.name,
+                        extra={"export": self.name, "event": "frontend-refused"})
             sock.close()
             return
         sock.setblocking(True)  # libvhost-user reads a whole message with blocking calls
         try:
             self.conn = VuConnection(self, sock)
         except OSError as e:
-            log.error("%s: cannot serve the frontend: %s", self.name, e)
+            log.error("%s: cannot serve the frontend: %s", self.name, e,
+                      extra={"export": self.name, "event": "frontend-failed"})
             sock.close()
             return
         self.connections += 1
-        log.info("%s: frontend connected", self.name)
+        log.info("%s: frontend connected", self.name,
+                 extra={"export": self.name, "event": "frontend-connected",
+                        "connection": self.connections})
         self.device.connection_changed(True)
 
     def credit_iothread(self, name: str, requests: int) -> None:
@@ -656,9 +663,27 @@ class SocketInUse(Exception):
     """Another live process owns the socket path."""
 
 
+class SocketPathError(OSError):
+    """A UNIX socket cannot be created at this path (too long, no such directory, no
+    permission); ``str()`` is the whole message, in QEMU's words."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# sizeof(struct sockaddr_un.sun_path): the path and its terminating NUL must fit.
+UNIX_PATH_MAX = 108
+
+
 def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     """Listen on ``path``.  A stale socket file (connect refused) is replaced; a live one
-    (connect accepted) raises SocketInUse: never steal a running daemon's socket."""
+    (connect accepted) raises SocketInUse: never steal a running daemon's socket.  A path
+    that is too long or cannot be bound raises SocketPathError."""
+    if "\0" in path:
+        raise SocketPathError(errno.EINVAL, f"UNIX socket path {path!r} contains a NUL byte")
+    if len(os.fsencode(path)) >= UNIX_PATH_MAX:
+        raise SocketPathError(errno.ENAMETOOLONG, f"UNIX socket path '{path}' is too long: "
+                              f"it must be less than {UNIX_PATH_MAX} bytes")
     if os.path.lexists(path):
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
@@ -676,6 +701,9 @@ def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     old = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise SocketPathError(e.errno, f"Failed to bind socket to {path}: {e.strerror}") from None
     finally:
         os.umask(old)
     sock.listen(1)
@@ -755,7 +783,8 @@ def pyvu_cb_set_config(dev: Any, data: Any, offset: int, size: int, flags: int) 
 def pyvu_cb_panic(dev: Any, err: Any) -> None:
     conn = _conn(dev)
     msg = ffi.string(err).decode(errors="replace")
-    log.error("%s: libvhost-user: %s", conn.server.name, msg)
+    log.error("%s: libvhost-user: %s", conn.server.name, msg,
+              extra={"export": conn.server.name, "event": "libvhost-user-error"})
     conn.main_ctx.schedule(conn.close, f"libvhost-user error: {msg}")
 
 

@@ -200,7 +200,8 @@ class VhostUserBlkExport:
             self._stopped = True
         if first and self.server is not None:
             self.server.pause()
-            log.warning("%s: I/O error, export stopped until resumed ('cont')", self.id)
+            log.warning("%s: I/O error, export stopped until resumed ('cont')", self.id,
+                        extra={"export": self.id, "event": "io-error-stop"})
 
     @property
     def stopped(self) -> bool:

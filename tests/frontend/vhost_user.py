@@ -364,6 +364,13 @@ def split_lengths(total: int, split: Sequence[int] | None) -> list[int]:
     return out
 
 
+def queue_footprint(size: int, arena_size: int) -> int:
+    """Bytes of region 0 one Virtqueue takes: three page-aligned ring parts and its arena."""
+    def page_up(n: int) -> int:
+        return (n + PAGE - 1) & ~(PAGE - 1)
+    return page_up(16 * size) + page_up(6 + 2 * size) + page_up(6 + 8 * size) + page_up(arena_size)
+
+
 class Virtqueue:
     """One split virtqueue laid out in guest memory by the frontend (see the module doc)."""
 
@@ -781,13 +788,17 @@ class VhostUserFrontend:
             self.num_queues = 1
 
     def setup(self, num_queues: int | None = None, queue_size: int = 128,
-              mem_size: int = 8 << 20, arena_size: int = 1 << 20,
+              mem_size: int | None = None, arena_size: int = 1 << 20,
               protocol_features: int | None = None, start: bool = True) -> list[Virtqueue]:
-        """Handshake, then guest memory and ``num_queues`` started queues (default: all)."""
+        """Handshake, then guest memory and ``num_queues`` started queues (default: all the
+        backend offers, 64 for a default export).  ``mem_size`` defaults to what the queues'
+        rings and arenas take plus 7 MiB for the test's own buffers (at least 8 MiB)."""
         self.handshake(protocol_features)
         feats = self.offered_features & WANTED_FEATURES
         self.set_features(feats)
         n = self.num_queues if num_queues is None else num_queues
+        if mem_size is None:
+            mem_size = max(8 << 20, n * queue_footprint(queue_size, arena_size) + (7 << 20))
         self.mem = GuestMemory(mem_size)
         for i in range(n):
             self.queues.append(Virtqueue(self.mem, i, queue_size, bool(feats & F_EVENT_IDX),

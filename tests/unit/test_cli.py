@@ -98,6 +98,15 @@ def test_stats_file():
     assert parse_args(["--stats-file=/tmp/t.json"]).stats_file == "/tmp/t.json"
 
 
+def test_log_format():
+    assert parse_args([]).log_format == "text"
+    assert parse_args(["--log-format", "json"]).log_format == "json"
+    assert parse_args(["--log-format=text"]).log_format == "text"
+    with pytest.raises(UsageError) as ei:
+        parse_args(["--log-format", "yaml"])
+    assert str(ei.value) == "--log-format yaml: invalid log format (expected 'text' or 'json')"
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help(flag):
     assert parse_args([flag]).help is True
@@ -358,6 +367,22 @@ def test_configure_json_export(daemon, tmp_path, names):
     assert exp.writable and exp.num_queues == 2
     assert exp.queue_context(1) is daemon.iothreads["jio"].ctx
     assert exp.get_features() & (1 << 12)  # MQ
+
+
+@pytest.mark.parametrize("extra, queues", [("", 64), ("num-queues=64", 64), ("num-queues=1", 1)])
+def test_export_num_queues_default(daemon, tmp_path, names, extra, queues):
+    """Without num-queues an export offers 64 queues (qsd offers 1): QEMU's vhost-user-blk-pci,
+    and so a libvirt guest without <driver queues>, asks for one queue per vCPU and refuses a
+    backend with fewer.  The config space says the same; MQ is offered when there are several."""
+    node = names()
+    configure(daemon, "--blockdev", f"driver=null-co,node-name={node}",
+              "--export", export_arg(node, str(tmp_path / "s.sock"), extra))
+    exp = daemon.exports["e0"]
+    assert exp.num_queues == queues
+    assert exp.config().num_queues == queues
+    assert bool(exp.get_features() & (1 << 12)) == (queues > 1)  # VIRTIO_BLK_F_MQ
+    assert exp.server is not None
+    assert exp.server.num_queues == queues  # vu_init max_queues: GET_QUEUE_NUM's answer
 
 
 def test_configure_json_type_errors(daemon, tmp_path, names):

@@ -1,0 +1,123 @@
+"""Socket paths the daemon cannot listen on: one clear line and exit 1, never a traceback.
+
+A UNIX socket path holds at most 107 bytes (``sun_path`` is 108 with the terminating NUL); a
+longer one, or one whose directory does not exist (or is not a directory), is refused with
+QEMU's wording, on the command line (``--export``, ``--chardev``) and in QMP
+``block-export-add`` (the daemon then goes on serving).  The longest valid path works.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import DaemonProcess, pyvhost_blk_cmd
+from tests.e2e.qmp_helpers import MonitoredDaemon
+from tests.frontend.vhost_user import S_OK, connect
+
+UNIX_PATH_MAX = 108
+
+
+def run_daemon(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(pyvhost_blk_cmd() + list(argv), capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+
+
+def path_of_length(directory: Path, length: int) -> str:
+    """A path in ``directory`` exactly ``length`` bytes long."""
+    prefix = f"{directory}/"
+    assert len(prefix) + 8 <= length, "the test directory's path is too long for this test"
+    return prefix + "s" * (length - len(prefix) - 5) + ".sock"
+
+
+def export_arg(path: str) -> str:
+    return f"type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={path}"
+
+
+def too_long(path: str) -> str:
+    return f"UNIX socket path '{path}' is too long: it must be less than {UNIX_PATH_MAX} bytes"
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert r.returncode == 1, r
+    assert r.stdout == ""
+    assert r.stderr == expected + "\n", r.stderr
+
+
+@pytest.mark.parametrize("length", [UNIX_PATH_MAX, 200])
+def test_export_path_too_long(tmp_path: Path, length: int) -> None:
+    path = path_of_length(tmp_path, length)
+    arg = export_arg(path)
+    r = run_daemon("--blockdev", "driver=null-co,node-name=n0", "--export", arg)
+    assert_one_line_error(r, f"pyvhost-blk: --export {arg}: {too_long(path)}")
+    assert not os.path.lexists(path)
+
+
+def test_longest_export_path_works(tmp_path: Path) -> None:
+    """107 bytes is allowed: the limit is the kernel's, not a guess below it."""
+    path = path_of_length(tmp_path, UNIX_PATH_MAX - 1)
+    with DaemonProcess(["--blockdev", "driver=null-co,node-name=n0,size=1M,read-zeroes=on",
+                        "--export", export_arg(path)], tmp_path) as d:
+        with connect(path) as fe:
+            fe.setup(num_queues=1, queue_size=16)
+            assert fe.read(0, 512) == (S_OK, bytes(512))
+        assert d.terminate() == 0
+    assert not os.path.lexists(path)
+
+
+@pytest.mark.parametrize("parent, reason", [
+    ("no/such/dir", "No such file or directory"),
+    ("a-file", "Not a directory"),
+])
+def test_export_path_without_directory(tmp_path: Path, parent: str, reason: str) -> None:
+    (tmp_path / "a-file").write_text("not a directory\n")
+    path = f"{tmp_path}/{parent}/s.sock"
+    arg = export_arg(path)
+    r = run_daemon("--blockdev", "driver=null-co,node-name=n0", "--export", arg)
+    assert_one_line_error(
+        r, f"pyvhost-blk: --export {arg}: Failed to bind socket to {path}: {reason}")
+
+
+def test_monitor_socket_path_errors(tmp_path: Path) -> None:
+    """The QMP monitor's socket goes through the same checks."""
+    long_path = path_of_length(tmp_path, 150)
+    spec = f"socket,id=m0,path={long_path},server=on,wait=off"
+    r = run_daemon("--chardev", spec, "--monitor", "chardev=m0")
+    assert_one_line_error(r, f"pyvhost-blk: --chardev {spec}: {too_long(long_path)}")
+    missing = f"{tmp_path}/missing/m.sock"
+    spec = f"socket,id=m0,path={missing},server=on,wait=off"
+    r = run_daemon("--chardev", spec, "--monitor", "chardev=m0")
+    assert_one_line_error(r, f"pyvhost-blk: --chardev {spec}: Failed to bind socket to "
+                             f"{missing}: No such file or directory")
+
+
+def test_qmp_block_export_add_bad_paths(tmp_path: Path) -> None:
+    """block-export-add answers a GenericError with the same message; the daemon keeps running
+    and the next export with a good path works."""
+    long_path = path_of_length(tmp_path, 300)
+    missing = f"{tmp_path}/missing/s.sock"
+    with MonitoredDaemon(["--blockdev", "driver=null-co,node-name=n0,size=1M,read-zeroes=on"],
+                         tmp_path) as md:
+        cases = [
+            (long_path, too_long(long_path)),
+            (missing, f"Failed to bind socket to {missing}: No such file or directory"),
+            ("bad\0path", "UNIX socket path 'bad\\x00path' contains a NUL byte"),
+        ]
+        for path, message in cases:
+            err = md.qmp.error("block-export-add", {
+                "type": "vhost-user-blk", "id": "e0", "node-name": "n0", "writable": False,
+                "addr": {"type": "unix", "path": path}})
+            assert err == {"class": "GenericError", "desc": message}
+        assert md.qmp.cmd("query-block-exports") == []
+        good = str(tmp_path / "good.sock")
+        md.qmp.cmd_args("block-export-add", {
+            "type": "vhost-user-blk", "id": "e0", "node-name": "n0",
+            "addr": {"type": "unix", "path": good}})
+        with connect(good) as fe:
+            fe.setup(num_queues=1, queue_size=16)
+            assert fe.read(0, 512) == (S_OK, bytes(512))
+        assert "Traceback" not in md.log()
+        assert md.proc.terminate() == 0
