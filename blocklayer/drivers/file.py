@@ -160,14 +160,19 @@ class FileDriver(BlockDriver):
             fd = self.fd
             thread_pool_submit_aio(ctx, lambda: os.fdatasync(fd) or 0, done)
 
+    # Worker-thread functions (fd, offset, nbytes[, unmap]) -> 0 or -errno; host_device's differ.
+    _discard_fn = staticmethod(lambda fd, offset, nbytes: _punch_hole(fd, offset, nbytes))
+    _zeroes_fn = staticmethod(lambda fd, offset, nbytes, unmap: _write_zeroes(fd, offset, nbytes,
+                                                                             unmap))
+
     def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
-        fd = self.fd
-        thread_pool_submit_aio(ctx, lambda: _punch_hole(fd, offset, nbytes), cb)
+        fd, discard = self.fd, self._discard_fn
+        thread_pool_submit_aio(ctx, lambda: discard(fd, offset, nbytes), cb)
 
     def aio_pwrite_zeroes(
         self, ctx: AioContext, offset: int, nbytes: int, flags: int, cb: Completion
     ) -> None:
-        fd, unmap = self.fd, bool(flags & BDRV_REQ_MAY_UNMAP)
+        fd, unmap, zeroes = self.fd, bool(flags & BDRV_REQ_MAY_UNMAP), self._zeroes_fn
 
         def done(ret: int) -> None:
             if ret >= 0 and flags & BDRV_REQ_FUA:
@@ -175,7 +180,7 @@ class FileDriver(BlockDriver):
             else:
                 cb(ret)
 
-        thread_pool_submit_aio(ctx, lambda: _write_zeroes(fd, offset, nbytes, unmap), done)
+        thread_pool_submit_aio(ctx, lambda: zeroes(fd, offset, nbytes, unmap), done)
 
     def fast_path_info(self) -> FastPathInfo:
         if self.aio == "threads":

@@ -23,12 +23,8 @@ import stat
 import struct
 from typing import Any
 
-from blocklayer.aio import AioContext
 from blocklayer.bdrv import (
-    BDRV_REQ_FUA,
-    BDRV_REQ_MAY_UNMAP,
     BlockDriverError,
-    Completion,
     bdrv_register,
 )
 from blocklayer.drivers.file import (
@@ -38,7 +34,6 @@ from blocklayer.drivers.file import (
     FileDriver,
     _fallocate,
 )
-from blocklayer.thread_pool import thread_pool_submit_aio
 
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
@@ -94,18 +89,5 @@ class HostDeviceDriver(FileDriver):
         if size > self._query_length():
             raise OSError(errno.EINVAL, "Cannot grow device files")
 
-    def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
-        fd = self.fd
-        thread_pool_submit_aio(ctx, lambda: _discard(fd, offset, nbytes), cb)
-
-    def aio_pwrite_zeroes(self, ctx: AioContext, offset: int, nbytes: int, flags: int,
-                          cb: Completion) -> None:
-        fd, unmap = self.fd, bool(flags & BDRV_REQ_MAY_UNMAP)
-
-        def done(ret: int) -> None:
-            if ret >= 0 and flags & BDRV_REQ_FUA:
-                self.aio_flush(ctx, cb)
-            else:
-                cb(ret)
-
-        thread_pool_submit_aio(ctx, lambda: _zeroout(fd, offset, nbytes, unmap), done)
+    _discard_fn = staticmethod(_discard)
+    _zeroes_fn = staticmethod(_zeroout)

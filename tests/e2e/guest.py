@@ -372,15 +372,19 @@ class Guest:
 
     # ----------------------------------------------------------- console
 
-    def _read_console(self) -> None:
+    def _console_read(self) -> bytes:
+        """One chunk of console output, b"" at EOF (console reader thread): QEMU's stdio
+        here; a subclass may read another console (tests/e2e/libvirt_host.py)."""
         assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
+        try:
+            return os.read(self.proc.stdout.fileno(), 65536)
+        except OSError:
+            return b""
+
+    def _read_console(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                data = b""
+            data = self._console_read()
             text = decoder.decode(data, final=not data).replace("\r", "")
             if self._log_file is not None and text:
                 with contextlib.suppress(OSError):

@@ -14,7 +14,6 @@ libvirt exposes as a UNIX socket (``<serial type='unix'><source mode='bind'>``),
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import grp
 import os
@@ -214,25 +213,11 @@ class ConsoleGuest(Guest):
             raise GuestError(f"guest shell does not answer properly: {status} {out!r}")
         return time.monotonic() - t0
 
-    def _read_console(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
-            try:
-                data = self._sock.recv(65536)
-            except OSError:
-                data = b""
-            text = decoder.decode(data, final=not data).replace("\r", "")
-            if self._log_file is not None and text:
-                with contextlib.suppress(OSError):
-                    self._log_file.write(text)
-                    self._log_file.flush()
-            with self._cond:
-                self._buf += text
-                if not data:
-                    self._eof = True
-                self._cond.notify_all()
-            if not data:
-                return
+    def _console_read(self) -> bytes:
+        try:
+            return self._sock.recv(65536)
+        except OSError:
+            return b""
 
     def is_running(self) -> bool:
         with self._cond:
