@@ -56,13 +56,16 @@ def test_qemu_refuses_postcopy_on_the_destination(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             qmp = Qmp(qmp_path)
-            err = qmp.error("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
-            assert "Postcopy is not supported" in err["desc"], err
-            # Precopy stays available: the capability set without postcopy is accepted.
-            qmp.cmd("migrate-set-capabilities",
-                    capabilities=[{"capability": "events", "state": True}])
-            qmp.cmd("quit")
+            try:
+                err = qmp.error("migrate-set-capabilities", {
+                    "capabilities": [{"capability": "postcopy-ram", "state": True}]})
+                assert "Postcopy is not supported" in err["desc"], err
+                # Precopy stays available: the capability set without postcopy is accepted.
+                qmp.cmd("migrate-set-capabilities",
+                        capabilities=[{"capability": "events", "state": True}])
+                qmp.cmd("quit")
+            finally:
+                qmp.close()
             _, stderr = qemu.communicate(timeout=30)
         finally:
             if qemu.poll() is None:
