@@ -8,7 +8,7 @@
 #   pinned at priority 100 so nothing else is upgraded;
 # - a deb-src entry for trixie, so the build can fetch QEMU 10.0's source for libvhost-user.
 # - with PYVHOST_BLK_EXTRA_DEPS=1 (scripts/test.sh sets it): what the operations tests drive
-#   for real: libvirt, Prometheus, systemd's tools.
+#   for real: libvirt, Prometheus, systemd's tools, strace (to widen a race in one test).
 #
 # The trixie entry uses the Debian mirror this machine is already configured with (its deb822
 # .sources files or sources.list), so the script works behind a local mirror.
@@ -58,7 +58,7 @@ fi
 pkgs=(qemu-system-x86 qemu-utils qemu-block-extra fio busybox-static liburing-dev
       python3 python3-dev python3-venv gcc make pkg-config dpkg-dev cpio gzip xz-utils procps)
 if [ "${PYVHOST_BLK_EXTRA_DEPS:-0}" = 1 ]; then
-    pkgs+=(libvirt-daemon-system libvirt-clients prometheus systemd)
+    pkgs+=(libvirt-daemon-system libvirt-clients prometheus systemd strace)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

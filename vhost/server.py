@@ -31,6 +31,7 @@ Threads and locking:
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import logging
@@ -697,16 +698,26 @@ def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
             raise SocketInUse(f"socket '{path}' is in use by another process")
         finally:
             probe.close()
+    # Bind under a temporary name and rename once listening: the path never names a socket
+    # that refuses connections (a frontend that sees the file may connect at once).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if not path or len(os.fsencode(tmp)) >= UNIX_PATH_MAX:
+        tmp = path  # no room for a longer name: bind in place
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)
     try:
-        sock.bind(path)
+        sock.bind(tmp)
+        sock.listen(1)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError as e:
         sock.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise SocketPathError(e.errno, f"Failed to bind socket to {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    sock.listen(1)
     return sock
 
 

@@ -121,3 +121,47 @@ def test_qmp_block_export_add_bad_paths(tmp_path: Path) -> None:
             assert fe.read(0, 512) == (S_OK, bytes(512))
         assert "Traceback" not in md.log()
         assert md.proc.terminate() == 0
+
+
+def test_socket_file_appears_only_once_listening(tmp_path: Path) -> None:
+    """A frontend that connects the moment the socket file appears is accepted: the daemon
+    binds under a temporary name and renames once it listens (before, a connect between bind
+    and listen got ECONNREFUSED).  strace holds every listen() for 0.5 s, so the window the
+    old order had is wide open."""
+    import shutil
+    import signal
+    import socket
+    import time
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace not found: apt-get install strace (scripts/install-deps.sh)")
+    sock_path, pidfile = tmp_path / "vu.sock", tmp_path / "pid"
+    proc = subprocess.Popen(
+        [strace, "-f", "-o", "/dev/null", "-e", "inject=listen:delay_enter=500000",
+         *pyvhost_blk_cmd(), "--pidfile", str(pidfile), "--blockdev", "driver=null-co,node-name=n",
+         "--export", f"type=vhost-user-blk,id=e,node-name=n,addr.type=unix,"
+                     f"addr.path={sock_path}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock_path.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the socket never appeared"
+            time.sleep(0.001)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(sock_path))  # ConnectionRefusedError fails the test
+        finally:
+            s.close()
+        assert not list(tmp_path.glob("vu.sock.*.tmp")), "temporary socket left behind"
+    finally:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pidfile.exists():  # stop the daemon itself: strace then exits with it
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        else:
+            proc.kill()
+        proc.communicate(timeout=30)
+    assert not sock_path.exists(), "socket not removed at exit"
