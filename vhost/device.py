@@ -39,5 +39,22 @@ class VuDevice(Protocol):
         The device must eventually call ``queue.complete(elem, in_len)`` in the same context,
         never free or push the element itself."""
 
+    # -- the C request path (vhost/_fastpath.c) ----------------------------------------------
+    # Each queue's C loop pops elements and serves what the device's state allows in C; the
+    # rest comes back through handle_request, failures through handle_failed, parsed requests
+    # for a batch-capable Python driver through serve_batch.
+
+    def request_state(self) -> Any:
+        """The ``struct pyvu_blkstate *`` the queues' C loop reads (which requests it may
+        serve, the shared in-flight count and accounting).  Main thread, at connection."""
+
+    def handle_failed(self, queue: VuQueue, elem: Any, err: int, rtype: int) -> None:
+        """A request the C loop served failed with ``err`` (-errno; -EAGAIN: serve it again
+        from the start).  Same contract as handle_request.  In the queue's context."""
+
+    def serve_batch(self, queue: VuQueue) -> None:
+        """Take the queue's parsed batch (``lib.pyvu_fastq_take_batch``), serve it and hand
+        the results back (``lib.pyvu_fastq_batch_done``).  In the queue's context."""
+
     def connection_changed(self, connected: bool) -> None:
         """A frontend connected / disconnected (main thread)."""

@@ -107,7 +107,7 @@ class VuQueue:
         self.ctx = ctx
         self.vq = lib.pyvu_queue(conn.dev, idx)
         self.cq = ffi.new("struct pyvu_fastq *")
-        lib.pyvu_fastq_init(self.cq, conn.pdev, idx, conn.device.blk_state())
+        lib.pyvu_fastq_init(self.cq, conn.pdev, idx, conn.device.request_state())
         self.cq.paused = 1
         self.token = TOKEN_C | int(ffi.cast("uintptr_t", self.cq))
         self.kick_fd = -1  # our dup of libvhost-user's kick eventfd; touched in ctx only
@@ -119,7 +119,6 @@ class VuQueue:
         self._elems = ffi.new("VuVirtqElement *[]", TAKE_MAX)
         self._errs = ffi.new("int[]", TAKE_MAX)
         self._types = ffi.new("int[]", TAKE_MAX)
-        self._batch: Any = None
 
     @property
     def in_flight(self) -> int:
@@ -195,32 +194,13 @@ class VuQueue:
             for i in range(n):
                 device.handle_request(self, self._elems[i])
             if cq.nbatch:
-                self._serve_batch()
+                device.serve_batch(self)
             m = lib.pyvu_fastq_take_failed(cq, self._elems, self._errs, self._types, TAKE_MAX)
             for i in range(m):
                 device.handle_failed(self, self._elems[i], self._errs[i], self._types[i])
             if n < TAKE_MAX and m < TAKE_MAX and not cq.nbatch:
                 break
             lib.pyvu_fastq_process(cq)  # the lists were full: C stopped popping early
-
-    def _serve_batch(self) -> None:
-        """Parsed requests for a batch-capable Python driver: one driver call per batch."""
-        cq, b = self.cq, self._batch
-        if b is None:
-            from blocklayer.drivers.memory import Batch
-
-            b = self._batch = Batch()
-        drv = self.conn.device.batch_driver()
-        while cq.nbatch:
-            b.n = lib.pyvu_fastq_take_batch(cq, b.handles, b.types, b.offsets, b.lengths,
-                                            b.iovs, b.niovs, b.MAX)
-            try:
-                drv.batch_io(b)
-            except Exception:
-                log.exception("driver %r failed a batch", drv)
-                for i in range(b.n):
-                    b.ret[i] = -errno.EIO
-            lib.pyvu_fastq_batch_done(cq, b.handles, b.ret, b.n)
 
     def complete(self, elem: Any, in_len: int) -> None:
         """The device is done with ``elem`` (in self.ctx): push it with the next batch."""

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blocklayer.aio import AioContext, qemu_get_aio_context
+from blocklayer.batch import Batch
 from blocklayer.bdrv import BlockDriverState
 from blocklayer.block_backend import (
     BLK_PERM_CONSISTENT_READ,
@@ -67,7 +68,7 @@ from blocklayer.block_backend import (
     blk_unref,
 )
 from blocklayer.dev_ops import BlockDevOps
-from vhost.ffi import ffi
+from vhost.ffi import ffi, lib
 from vhost.server import VuQueue, VuServer
 from virtio.blk_config import WCE_OFFSET, VirtioBlkConfig
 from virtio.blk_handler import (
@@ -136,6 +137,7 @@ class VhostUserBlkExport:
         self.blk.c.lbs = logical_block_size
         self.inflight = inflight
         self.tray_open = False
+        self._batch: dict[AioContext, Batch] = {}  # one per context: its queues take turns
         self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable,
                                         on_stop=self._stop_on_error)
         self.features = 0
@@ -296,13 +298,27 @@ class VhostUserBlkExport:
         pass
 
     # -- per request (queue's AioContext) ---------------------------------------------------
-    def batch_driver(self) -> Any:
-        """The root node's driver (one with ``batch_io``), for batched Python requests."""
-        return self.blk.root.drv
-
-    def blk_state(self) -> Any:
+    def request_state(self) -> Any:
         """The C state the queues' request path reads (``struct pyvu_blkstate *``)."""
         return self.blk.c
+
+    def serve_batch(self, queue: VuQueue) -> None:
+        """Requests C parsed for a batch-capable Python driver: one driver call per batch
+        (blocklayer/batch.py), completed and pushed by C.  In the queue's AioContext."""
+        cq, b = queue.cq, self._batch.get(queue.ctx)
+        if b is None:
+            b = self._batch[queue.ctx] = Batch()
+        drv = self.blk.root.drv
+        while cq.nbatch:
+            b.n = lib.pyvu_fastq_take_batch(cq, b.handles, b.types, b.offsets, b.lengths,
+                                            b.iovs, b.niovs, b.MAX)
+            try:
+                drv.batch_io(b)
+            except Exception:
+                log.exception("driver %r failed a batch", drv)
+                for i in range(b.n):
+                    b.ret[i] = -errno.EIO
+            lib.pyvu_fastq_batch_done(cq, b.handles, b.ret, b.n)
 
     def handle_failed(self, queue: VuQueue, elem: Any, err: int, rtype: int) -> None:
         """A request the C path served failed with ``err`` (-errno): apply the error policy

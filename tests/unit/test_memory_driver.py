@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from blocklayer.batch import Batch
 from blocklayer.block_backend import (
     BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
@@ -16,7 +17,6 @@ from blocklayer.block_backend import (
     blk_new,
     blk_unref,
 )
-from blocklayer.drivers.memory import Batch
 from blocklayer.iov import IOVector
 from tests.unit.conftest import run_until
 from vhost.ffi import ffi
