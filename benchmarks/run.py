@@ -379,16 +379,6 @@ def summarize(runs: list[dict]) -> dict | None:
     }
 
 
-def _fmt_iops(v: float | None) -> str:
-    if v is None:
-        return "-"
-    if v >= 1e6:
-        return f"{v / 1e6:.2f}M"
-    if v >= 1e3:
-        return f"{v / 1e3:.1f}K"
-    return f"{v:.0f}"
-
-
 def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -398,6 +388,8 @@ def _cpu_pair(o: dict | None, q: dict | None, key: str) -> str:
 
 
 def print_table(results: list[dict], out=sys.stdout) -> None:
+    from benchmarks.report import fmt_iops  # report imports this module: import late
+
     header = (f"{'case':<36} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours/qsd':>8} "
               f"{'ours MiB/s':>10} {'ours lat':>9} {'qsd lat':>9} {'client CPU%':>12} "
               f"{'daemon CPU%':>12} {'RSS MiB':>12}")
@@ -420,7 +412,7 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
                 flag += f" !{side}"
         rss = (f"{_fmt(o and o['rss_idle_mib_max'], '.0f')}/"
                f"{_fmt(o and o['rss_load_mib_max'], '.0f')}")
-        print(f"{res['label']:<36} {_fmt_iops(oi):>10} {_fmt_iops(qi):>10} {ratio:>8} "
+        print(f"{res['label']:<36} {fmt_iops(oi):>10} {fmt_iops(qi):>10} {ratio:>8} "
               f"{_fmt(o and o['mib_s_median'], '.0f'):>10} "
               f"{_fmt(o and o['lat_mean_us']):>9} {_fmt(q and q['lat_mean_us']):>9} "
               f"{ccpu:>12} {dcpu:>12} {rss:>12}{flag}", file=out)

@@ -23,21 +23,7 @@ import pytest
 
 from pyvhost_blk.logs import JsonFormatter
 from tests.daemon import DaemonProcess, pyvhost_blk_cmd
-from tests.frontend.vhost_user import S_OK, VhostUserFrontend
-from tests.frontend.vhost_user import connect as vu_connect
-
-
-def connect(path: str) -> VhostUserFrontend:
-    """The test frontend's connect(), also retried while the socket file exists but is not
-    listening yet (the daemon binds, then listens: a connect in between is refused)."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            return vu_connect(path)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+from tests.frontend.vhost_user import S_OK, connect
 
 
 def _args(tmp_path: Path, *extra: str) -> list[str]:

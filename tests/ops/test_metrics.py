@@ -41,10 +41,9 @@ from tests.frontend.vhost_user import (
     S_OK,
     SECTOR,
     T_DISCARD,
-    VhostUserFrontend,
+    connect,
     dwz_segment,
 )
-from tests.frontend.vhost_user import connect as vu_connect
 
 PROMETHEUS = "/usr/bin/prometheus"
 IMG_SIZE = 16 << 20
@@ -52,19 +51,6 @@ KIB4 = 4096
 URL_RE = re.compile(r"Prometheus metrics on (http://\S+/metrics)")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def connect(path: str) -> VhostUserFrontend:
-    """The test frontend's connect(), also retried while the socket file exists but is not
-    listening yet (the daemon binds, then listens: a connect in between is refused)."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            return vu_connect(path)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 # -- helpers ------------------------------------------------------------------------------------
