@@ -4,9 +4,10 @@ as QEMU's ``hdev`` in ``block/file-posix.c``.
 It is the ``file`` driver (same options, OFD locking, io_uring / Linux AIO / thread pool, the
 same C request path) with what differs for a device:
 
-* the size is the device's (``BLKGETSIZE64``), asked again whenever it is needed, so a device
-  grown underneath (``lvextend``, ``losetup -c``) is seen by QMP ``block_resize``, which cannot
-  grow the device itself ("Cannot grow device files") but tells the guest the new size;
+* the size is the device's (``BLKGETSIZE64``), read at open and again by QMP ``block_resize``
+  (as QEMU refreshes it), so a device grown underneath (``lvextend``, ``losetup -c``) is shown
+  to the guest by ``block_resize``, which cannot grow the device itself ("Cannot grow device
+  files");
 * discard is ``BLKDISCARD`` and write-zeroes ``BLKZEROOUT`` (``fallocate`` first, which block
   devices support since Linux 4.9);
 * with ``cache.direct=on`` the request alignment is the device's logical sector size
@@ -80,14 +81,14 @@ class HostDeviceDriver(FileDriver):
             return int.from_bytes(out, "little")
         return super()._query_length()
 
-    def getlength(self) -> int:
-        return self._query_length()  # the device may have grown underneath us
-
     def truncate(self, size: int) -> None:
-        """QEMU's raw_co_truncate on a device (not exact): shrinking or keeping the size is
-        only what the guest is told; growing needs the device to be grown first."""
-        if size > self._query_length():
+        """QEMU's raw_co_truncate on a device (not exact), then its refresh of the cached
+        length: the device's size is asked again, so a device grown underneath (lvextend,
+        losetup -c) is what the guest sees next; growing needs the device grown first."""
+        length = self._query_length()
+        if size > length:
             raise OSError(errno.EINVAL, "Cannot grow device files")
+        self._length = length
 
     _discard_fn = staticmethod(_discard)
     _zeroes_fn = staticmethod(_zeroout)
