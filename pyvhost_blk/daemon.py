@@ -16,6 +16,7 @@ file (when ``--stats-file`` was given).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -158,10 +159,15 @@ class Daemon:
         return [e.server for e in self.exports.values() if e.server is not None]
 
     def _write_pidfile(self, path: str) -> None:
+        """Written under a temporary name and renamed: a reader never sees it empty."""
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(path, "w") as f:
+            with open(tmp, "w") as f:
                 f.write(f"{os.getpid()}\n")
+            os.rename(tmp, path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise UsageError(f"Cannot open pid file {path}: {e.strerror}") from None
         self.pidfile = path
 

@@ -156,11 +156,19 @@ def test_socket_file_appears_only_once_listening(tmp_path: Path) -> None:
             s.close()
         assert not list(tmp_path.glob("vu.sock.*.tmp")), "temporary socket left behind"
     finally:
+        def daemon_pid() -> int | None:
+            try:
+                text = pidfile.read_text().strip()
+            except FileNotFoundError:
+                return None
+            return int(text) if text.isdigit() else None  # may be created, not yet written
+
         deadline = time.monotonic() + 10
-        while not pidfile.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while daemon_pid() is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if pidfile.exists():  # stop the daemon itself: strace then exits with it
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        pid = daemon_pid()
+        if pid is not None:  # stop the daemon itself: strace then exits with it
+            os.kill(pid, signal.SIGTERM)
         else:
             proc.kill()
         proc.communicate(timeout=30)
