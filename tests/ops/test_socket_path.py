@@ -142,7 +142,7 @@ def test_socket_file_appears_only_once_listening(tmp_path: Path) -> None:
          *pyvhost_blk_cmd(), "--pidfile", str(pidfile), "--blockdev", "driver=null-co,node-name=n",
          "--export", f"type=vhost-user-blk,id=e,node-name=n,addr.type=unix,"
                      f"addr.path={sock_path}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not sock_path.exists():
@@ -169,7 +169,9 @@ def test_socket_file_appears_only_once_listening(tmp_path: Path) -> None:
         pid = daemon_pid()
         if pid is not None:  # stop the daemon itself: strace then exits with it
             os.kill(pid, signal.SIGTERM)
-        else:
-            proc.kill()
-        proc.communicate(timeout=30)
+        try:
+            proc.communicate(timeout=30 if pid is not None else 0.1)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # strace and the daemon: leave nothing behind
+            proc.communicate(timeout=30)
     assert not sock_path.exists(), "socket not removed at exit"
