@@ -63,8 +63,6 @@ from blocklayer.graph import (  # noqa: F401 - the permission bits are re-export
     BLK_PERM_RESIZE,
     BLK_PERM_WRITE,
     BLK_PERM_WRITE_UNCHANGED,
-    PERM_NAMES,
-    bdrv_parent_perms,
     bdrv_refresh_perms,
 )
 from blocklayer.io import (
@@ -237,14 +235,6 @@ def blk_bs(blk: BlockBackend) -> BlockDriverState | None:
 
 def blk_name(blk: BlockBackend) -> str:
     return blk.name
-
-
-def bdrv_check_parent_perms(
-    bs: BlockDriverState, new: BlockBackend | None, perm: int, shared: int
-) -> tuple[int, int]:
-    """The node's combined (perm, shared) with ``new`` asking for (perm, shared), or
-    PermissionError in QEMU's words if it conflicts with another parent."""
-    return bdrv_parent_perms(bs, new, perm, shared)
 
 
 def blk_set_perm(blk: BlockBackend, perm: int, shared_perm: int) -> None:

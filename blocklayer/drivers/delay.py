@@ -14,30 +14,16 @@ import threading
 from typing import Any
 
 from blocklayer.aio import AioContext
-from blocklayer.bdrv import (
-    BlockDriver,
-    BlockDriverError,
-    BlockDriverState,
-    Completion,
-    bdrv_register,
-    bdrv_truncate,
-)
-from blocklayer.io import (
-    bdrv_aio_flush,
-    bdrv_aio_pdiscard,
-    bdrv_aio_preadv,
-    bdrv_aio_pwrite_zeroes,
-    bdrv_aio_pwritev,
-)
+from blocklayer.bdrv import BlockDriverError, Completion, bdrv_register
+from blocklayer.drivers.filter import FilterDriver
 from blocklayer.iov import IOVector
 from blocklayer.qapi import to_int
 
 
 @bdrv_register
-class DelayFilter(BlockDriver):
+class DelayFilter(FilterDriver):
     format_name = "x-delay"
     options = {"every": to_int, "delay-us": to_int}
-    child_roles = {"file": True}
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         super().__init__(node_name, opts)
@@ -46,17 +32,6 @@ class DelayFilter(BlockDriver):
         if self.every < 1 or self.delay < 0:
             raise BlockDriverError("x-delay needs every >= 1 and delay-us >= 0")
         self._count = itertools.count(1)  # next() is atomic under the GIL
-
-    @property
-    def file(self) -> BlockDriverState:
-        assert self.bs is not None
-        return self.bs.children["file"].bs
-
-    def getlength(self) -> int:
-        return self.file.bdrv_getlength()
-
-    def truncate(self, size: int) -> None:
-        bdrv_truncate(self.file, size)
 
     def _maybe_delayed(self, ctx: AioContext, cb: Completion) -> Completion:
         if next(self._count) % self.every:
@@ -70,18 +45,8 @@ class DelayFilter(BlockDriver):
         return later
 
     def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
-        bdrv_aio_preadv(self.file, ctx, offset, qiov, self._maybe_delayed(ctx, cb))
+        super().aio_preadv(ctx, offset, qiov, self._maybe_delayed(ctx, cb))
 
     def aio_pwritev(self, ctx: AioContext, offset: int, qiov: IOVector, flags: int,
                     cb: Completion) -> None:
-        bdrv_aio_pwritev(self.file, ctx, offset, qiov, flags, self._maybe_delayed(ctx, cb))
-
-    def aio_flush(self, ctx: AioContext, cb: Completion) -> None:
-        bdrv_aio_flush(self.file, ctx, cb)
-
-    def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
-        bdrv_aio_pdiscard(self.file, ctx, offset, nbytes, cb)
-
-    def aio_pwrite_zeroes(self, ctx: AioContext, offset: int, nbytes: int, flags: int,
-                          cb: Completion) -> None:
-        bdrv_aio_pwrite_zeroes(self.file, ctx, offset, nbytes, flags, cb)
+        super().aio_pwritev(ctx, offset, qiov, flags, self._maybe_delayed(ctx, cb))

@@ -13,27 +13,16 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from blocklayer.aio import AioContext
 from blocklayer.bdrv import (
     DRV_FILE,
     DRV_FILE_LAIO,
     DRV_NULL,
-    BlockDriver,
     BlockDriverError,
     BlockDriverState,
-    Completion,
     FastPathInfo,
     bdrv_register,
-    bdrv_truncate,
 )
-from blocklayer.io import (
-    bdrv_aio_flush,
-    bdrv_aio_pdiscard,
-    bdrv_aio_preadv,
-    bdrv_aio_pwrite_zeroes,
-    bdrv_aio_pwritev,
-)
-from blocklayer.iov import IOVector
+from blocklayer.drivers.filter import FilterDriver
 from blocklayer.qapi import to_size
 
 SECTOR = 512
@@ -41,10 +30,9 @@ _C_KINDS = (DRV_NULL, DRV_FILE, DRV_FILE_LAIO)  # leaves whose requests C can sh
 
 
 @bdrv_register
-class RawDriver(BlockDriver):
+class RawDriver(FilterDriver):
     format_name = "raw"
     options = {"offset": to_size, "size": to_size}
-    child_roles = {"file": True}
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         super().__init__(node_name, opts)
@@ -66,15 +54,8 @@ class RawDriver(BlockDriver):
                 f"Offset ({self.offset}) cannot be greater than size of the containing file "
                 f"({real})")
 
-    @property
-    def file(self) -> BlockDriverState:
-        assert self.bs is not None
-        return self.bs.children["file"].bs
-
     def getlength(self) -> int:
-        if self.size is not None:
-            return self.size
-        return max(0, self.file.bdrv_getlength() - self.offset)
+        return self.size if self.size is not None else super().getlength()
 
     def fast_path_info(self) -> FastPathInfo:
         info = self.file.drv.fast_path_info()
@@ -85,21 +66,4 @@ class RawDriver(BlockDriver):
     def truncate(self, size: int) -> None:
         if self.size is not None:
             raise OSError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
-        bdrv_truncate(self.file, size + self.offset)
-
-    def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
-        bdrv_aio_preadv(self.file, ctx, offset + self.offset, qiov, cb)
-
-    def aio_pwritev(self, ctx: AioContext, offset: int, qiov: IOVector, flags: int,
-                    cb: Completion) -> None:
-        bdrv_aio_pwritev(self.file, ctx, offset + self.offset, qiov, flags, cb)
-
-    def aio_flush(self, ctx: AioContext, cb: Completion) -> None:
-        bdrv_aio_flush(self.file, ctx, cb)
-
-    def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
-        bdrv_aio_pdiscard(self.file, ctx, offset + self.offset, nbytes, cb)
-
-    def aio_pwrite_zeroes(self, ctx: AioContext, offset: int, nbytes: int, flags: int,
-                          cb: Completion) -> None:
-        bdrv_aio_pwrite_zeroes(self.file, ctx, offset + self.offset, nbytes, flags, cb)
+        super().truncate(size)
