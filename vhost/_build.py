@@ -18,8 +18,13 @@ from libvhost_user_source import SourceUnavailable, qemu_source_tree  # noqa: E4
 CDEF = r"""
 struct iovec { void *iov_base; size_t iov_len; };
 
+/* From libvhost-user.h and _pyvu.c; cffi reads their values from the compiled source. */
+#define VHOST_USER_HDR_SIZE ...
+#define VHOST_USER_MAX_CONFIG_SIZE ...
+#define PYVU_MSG_PAYLOAD_MAX ...
+
 typedef struct VhostUserMsg {
-    int request;
+    uint32_t request;
     uint32_t flags;
     uint32_t size;
     int fds[8];

@@ -546,6 +546,9 @@ static const char *pyvu_validate_msg(VuDev *dev, VhostUserMsg *m)
     }
 }
 
+/* The largest payload a message may declare (larger ones are refused before reading). */
+#define PYVU_MSG_PAYLOAD_MAX sizeof(((VhostUserMsg *)0)->payload)
+
 /* Our read_msg: never exit(), never assert; refuse malformed framing. */
 static bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg)
 {

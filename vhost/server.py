@@ -61,11 +61,11 @@ log = logging.getLogger("pyvhost_blk.vhost")
 
 TOKEN_C = lib.PYVU_TOKEN_C  # poller tokens for C objects with work for Python (vhost/pyvu.h)
 TAKE_MAX = 64
-VHOST_USER_HDR_SIZE = 12
-MAX_PAYLOAD = 272  # sizeof(VhostUserMsg.payload): larger sizes are refused by pyvu_read_msg
+VHOST_USER_HDR_SIZE = lib.VHOST_USER_HDR_SIZE
+MAX_PAYLOAD = lib.PYVU_MSG_PAYLOAD_MAX  # larger sizes are refused by pyvu_read_msg
 PARTIAL_TIMEOUT = 5.0  # seconds a frontend may take to finish sending one message
 PARTIAL_RETRY = 0.01
-VHOST_USER_MAX_CONFIG_SIZE = 256
+VHOST_USER_MAX_CONFIG_SIZE = lib.VHOST_USER_MAX_CONFIG_SIZE
 # _peek_request's answer while a message is still arriving: a sentinel, never a request code
 # (any 32-bit value is one a frontend can send).
 _INCOMPLETE = object()

@@ -54,6 +54,9 @@ def test_python_mirrors_come_from_the_header() -> None:
     assert len(accounting.DEFAULT_BOUNDARIES_NS) == lib.PYVU_NBOUNDS
     assert blk_handler.BDRV_REQUEST_MAX_SECTORS == lib.BDRV_REQUEST_MAX_SECTORS == (
         (2**31 - 1) >> 9)
+    # vhost-user framing, read from libvhost-user's own definitions at build time
+    assert (server.VHOST_USER_HDR_SIZE, server.MAX_PAYLOAD, server.VHOST_USER_MAX_CONFIG_SIZE) == (
+        12, 272, 256)
 
 
 def test_the_state_layout_is_declared_once() -> None:
