@@ -16,13 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# Importing the drivers registers them.
-import blocklayer.drivers.delay  # noqa: F401
-import blocklayer.drivers.file  # noqa: F401
-import blocklayer.drivers.host_device  # noqa: F401
-import blocklayer.drivers.memory  # noqa: F401
-import blocklayer.drivers.null  # noqa: F401
-import blocklayer.drivers.raw  # noqa: F401
+# Importing the drivers package registers every driver module in it (one file per driver).
+import blocklayer.drivers  # noqa: F401
 from blocklayer.bdrv import (
     BlockDriverError,
     BlockDriverState,
