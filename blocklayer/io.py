@@ -23,6 +23,11 @@ every node are applied here once:
   driver cannot do, or an unaligned one, is written as zeroed buffers
   (bdrv_co_do_pwrite_zeroes' fallback).
 
+* **Batches.**  ``bdrv_batch`` gives a batch of parsed reads, writes and flushes
+  (``blocklayer/batch.py``) to the driver's ``batch_io`` when the node has one and none of the
+  rules above needs a look at a request; otherwise, and for the requests that need one
+  (misaligned for this node), each goes through the per-request functions below.
+
 Each function runs in the caller's AioContext, and ``cb(ret)`` runs there too (0 or -errno).
 """
 
@@ -32,6 +37,7 @@ import errno
 import mmap
 
 from blocklayer.aio import AioContext
+from blocklayer.batch import T_FLUSH, T_READ, T_WRITE, UNSET, Batch
 from blocklayer.bdrv import BDRV_REQ_MAY_UNMAP, BlockDriverState, Completion
 from blocklayer.iov import IOVector
 from vhost.ffi import ffi, lib
@@ -210,3 +216,41 @@ def _write_zero_buffers(bs: BlockDriverState, ctx: AioContext, offset: int, nbyt
             _write_zero_buffers(bs, ctx, offset + n, nbytes - n, flags, cb)
 
     _pwritev(bs, ctx, offset, qiov, flags, next_chunk)  # padded if need be
+
+
+def bdrv_batch(bs: BlockDriverState, b: Batch) -> None:
+    """Serve the batch's requests not yet taken (``ret[i] == UNSET``) on node ``bs``: its
+    driver's ``batch_io`` if it has one, else one by one through ``bdrv_aio_*``.  In
+    ``b.ctx``.  Each request ends answered (``ret[i]``) or taken (PENDING), as batch.py says."""
+    batch_io = bs.drv.batch_io
+    if batch_io is None or bs.detect_zeroes != "off":
+        bdrv_batch_each(bs, b)
+        return
+    a = bs.request_alignment
+    if a > 1:
+        # The queue checked alignment against the root; a filter's offset may have moved
+        # requests off this node's alignment: those take the padding path.
+        offs, ret, mask = b.offsets, b.ret, a - 1
+        odd = [i for i in range(b.n) if offs[i] & mask and ret[i] == UNSET]
+        if odd:
+            bdrv_batch_each(bs, b, odd)
+    batch_io(b)
+
+
+def bdrv_batch_each(bs: BlockDriverState, b: Batch, which: range | list[int] | None = None
+                    ) -> None:
+    """Serve the batch's requests (all, or those in ``which``) not yet taken one by one through
+    ``bdrv_aio_*`` (the node's rules, then its driver's ``aio_*``).  In ``b.ctx``."""
+    ctx, types, ret = b.ctx, b.types, b.ret
+    for i in which if which is not None else range(b.n):
+        if ret[i] != UNSET:
+            continue
+        t, done = types[i], b.defer(i)
+        if t == T_READ:
+            bdrv_aio_preadv(bs, ctx, b.offsets[i], b.qiov(i), done)
+        elif t == T_WRITE:
+            bdrv_aio_pwritev(bs, ctx, b.offsets[i], b.qiov(i), b.flags[i], done)
+        elif t == T_FLUSH:
+            bdrv_aio_flush(bs, ctx, done)
+        else:
+            done(-errno.ENOTSUP)

@@ -195,9 +195,14 @@ int pyvu_fastq_take_slow(struct pyvu_fastq *q, VuVirtqElement **out, int max);
 int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, int *err, int *type,
                            int max);
 void pyvu_fastq_reported_done(struct pyvu_fastq *q);
-int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, uint64_t *offset,
-                          uint64_t *bytes, struct iovec **iov, unsigned *niov, int max);
+int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, int *flags,
+                          uint64_t *offset, uint64_t *bytes, struct iovec **iov, unsigned *niov,
+                          int *ret, int max);
 int pyvu_fastq_batch_done(struct pyvu_fastq *q, void **handles, int *ret, int n);
+void pyvu_fastq_req_done(struct pyvu_fastq *q, void *handle, int ret);
+void pyvu_fastq_flush(struct pyvu_fastq *q);
+int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **handles, uint64_t *offset,
+                      int *ret, int n);
 void pyvu_fastq_python_done(struct pyvu_fastq *q, int n);
 
 extern "Python" uint64_t pyvu_cb_get_features(VuDev *);

@@ -13,12 +13,14 @@
  * BlockBackend, the single source of truth for in-flight counts and accounting):
  *   - C ("fast") path: IN/OUT/FLUSH on a null-co node, or on a file node served by io_uring in
  *     this context, with no reason for Python to look (slow == 0, force_slow == 0);
- *   - batched Python driver (DRV_PYBATCH): C parses and checks IN/OUT/FLUSH and queues them
- *     on the queue's batch list; Python's driver serves the whole batch with plain values and
- *     hands back statuses, and C accounts, completes and pushes them;
- *   - Python path: anything else (other request types, malformed requests, no medium, tray open,
- *     a stopped export, a forced slow path).  Such elements go to the queue's slow list and the
- *     poller reports the queue to Python, which runs the Python handler on them.
+ *   - batch path: every other well-formed IN/OUT/FLUSH (a node only Python can serve, a filter
+ *     in the graph, the C path switched off).  C parses and checks it and queues it on the
+ *     queue's batch list; Python takes the list as plain values (blocklayer/batch.py), the node
+ *     graph serves it — a driver may hand leaf I/O straight back to this file's engines
+ *     (pyvu_fastq_submit) — and C accounts, completes and pushes each request;
+ *   - Python handler: anything else (other request types, malformed or misaligned requests, no
+ *     medium).  Such elements go to the queue's slow list and the poller reports the queue to
+ *     Python, which runs virtio/blk_handler.py on them.
  * A request that *fails* on the fast path is handed to Python as well (the failed list), so the
  * error policy (rerror/werror, stop and retry) lives in one place.
  *
@@ -320,7 +322,7 @@ struct pyvu_fastq {
     int nfailed;
     struct pyvu_req *done[PYVU_QMAX];
     int ndone;
-    struct pyvu_req *batch[PYVU_QMAX];  /* DRV_PYBATCH requests waiting for Python */
+    struct pyvu_req *batch[PYVU_QMAX];  /* parsed requests waiting for Python's node graph */
     int nbatch;
     struct pyvu_fastq *touched_next;    /* on a completion handler's list of queues to flush */
     int touched;
@@ -344,6 +346,8 @@ struct pyvu_req {
     int type;
     int kind;                       /* accounting kind */
     int fua;                        /* a write that must be followed by an fsync */
+    int batched;                    /* served through Python's batch path */
+    int fd;                         /* the file a C engine reads or writes */
     int err;                        /* -errno when handed to Python as failed */
     uint64_t offset;
     uint64_t bytes;
@@ -399,7 +403,7 @@ static void pyvu_fastq_flush(struct pyvu_fastq *q)
 
 static int pyvu_ring_prep(struct pyvu_ring *ring, struct pyvu_req *r, int op)
 {
-    return pyvu_uring_prep(&ring->u, op, r->q->blk->fd, r->iov, r->niov, r->offset,
+    return pyvu_uring_prep(&ring->u, op, r->fd, r->iov, r->niov, r->offset,
                            (uint64_t)(uintptr_t)r);
 }
 
@@ -424,7 +428,7 @@ static void pyvu_fast_ok(struct pyvu_req *r)
     struct pyvu_fastq *q = r->q;
     uint64_t now = pyvu_now_ns();   /* one clock read per request: latency and idle time */
     pyvu_acct_done_at(q->blk, r->kind, r->bytes, now - r->start_ns, now);
-    __atomic_fetch_add(&q->blk->fast_ops, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(r->batched ? &q->blk->batch_ops : &q->blk->fast_ops, 1, __ATOMIC_RELAXED);
     pyvu_blk_in_flight_add(q->blk, -1);
     pyvu_req_complete(r, VBLK_S_OK);
 }
@@ -473,7 +477,7 @@ static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write
     memset(cb, 0, sizeof(*cb));
     cb->aio_data = (uint64_t)(uintptr_t)r;
     cb->aio_lio_opcode = is_write ? IOCB_CMD_PWRITEV : IOCB_CMD_PREADV;
-    cb->aio_fildes = r->q->blk->fd;
+    cb->aio_fildes = r->fd;
     cb->aio_buf = (uint64_t)(uintptr_t)r->iov;
     cb->aio_nbytes = r->niov;
     cb->aio_offset = r->offset;
@@ -501,9 +505,34 @@ static void pyvu_req_undo_status(struct pyvu_req *r, VuVirtqElement *e)
     }
 }
 
+/* The C engines can serve the root node in this queue's context, end to end. */
+static int pyvu_c_serves(struct pyvu_fastq *q, struct pyvu_blkstate *b)
+{
+    if (b->force_slow) {
+        return 0;
+    }
+    switch (b->driver) {
+    case DRV_NULL:
+        return 1;
+    case DRV_FILE:
+        return q->ring != NULL;
+    case DRV_FILE_LAIO:
+        return q->laio != NULL && q->ring != NULL;
+    default:
+        return 0;
+    }
+}
+
+/* Queue a parsed, checked request for Python's node graph (blocklayer/batch.py). */
+static void pyvu_batch_add(struct pyvu_fastq *q, struct pyvu_req *r)
+{
+    r->batched = 1;
+    q->batch[q->nbatch++] = r;
+}
+
 /*
- * Try to serve a popped request in C.  Returns 0 if Python must handle it (nothing changed),
- * 1 if it was taken (completed, failed, or submitted).
+ * Parse and check a popped request, then serve it in C or queue it for Python's batch path.
+ * Returns 0 if the Python handler must see it (nothing changed), 1 if it was taken.
  */
 static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
 {
@@ -512,15 +541,8 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     uint32_t type;
     uint64_t sector, total, nb;
     struct iovec *last;
-    int is_write;
+    int is_write, in_c = pyvu_c_serves(q, b);
 
-    if (b->force_slow) {
-        return 0;
-    }
-    if (b->driver == DRV_NONE || (b->driver == DRV_FILE && !q->ring) ||
-        (b->driver == DRV_FILE_LAIO && (!q->laio || !q->ring))) {
-        return 0;
-    }
     if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < 16) {
         return 0;
     }
@@ -537,17 +559,25 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     r->type = type;
     r->fua = 0;
     r->err = 0;
+    r->batched = 0;
+    r->fd = b->fd;
 
     if (type == VBLK_T_FLUSH) {
+        if ((int64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE) < 0) {
+            return 0;                       /* no medium: the handler says so */
+        }
         r->kind = PYVU_ACCT_FLUSH;
         r->bytes = 0;
+        r->offset = 0;
+        r->iov = NULL;
+        r->niov = 0;
         r->in_len = 1;
         r->start_ns = pyvu_now_ns();
         pyvu_blk_in_flight_add(b, 1);
-        if (b->driver == DRV_NULL || b->no_flush) {
+        if (!in_c) {
+            pyvu_batch_add(q, r);
+        } else if (b->driver == DRV_NULL || b->no_flush) {
             pyvu_fast_ok(r);
-        } else if (b->driver == DRV_PYBATCH) {
-            q->batch[q->nbatch++] = r;
         } else if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
             pyvu_fast_fail(r, -EIO);
         }
@@ -604,10 +634,11 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
             return 0;
         }
     }
+    r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
     r->start_ns = pyvu_now_ns();
     pyvu_blk_in_flight_add(b, 1);
-    if (b->driver == DRV_PYBATCH) {
-        q->batch[q->nbatch++] = r;
+    if (!in_c) {
+        pyvu_batch_add(q, r);
         return 1;
     }
     if (b->driver == DRV_NULL) {
@@ -619,7 +650,6 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         pyvu_fast_ok(r);
         return 1;
     }
-    r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
     if (b->driver == DRV_FILE_LAIO) {
         pyvu_laio_prep(q->laio, r, is_write);
     } else if (pyvu_ring_prep(q->ring, r, is_write ? PYVU_OP_WRITE : PYVU_OP_READ) < 0) {
@@ -1048,18 +1078,21 @@ static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, in
 }
 
 /*
- * Python takes up to max batched requests as plain values: type (0 read, 1 write, 4 flush),
- * byte offset, length, and the data iovecs (the status byte is not part of them).
+ * Python takes up to max batched requests as plain values: type (PYVU_BATCH_*), flags
+ * (BDRV_REQ_FUA when the write cache is off), byte offset, length, and the data iovecs (the
+ * status byte is not part of them); ret[i] starts as PYVU_BATCH_UNSET.  Queue's context.
  */
-static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type,
+static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, int *flags,
                                  uint64_t *offset, uint64_t *bytes, struct iovec **iov,
-                                 unsigned *niov, int max)
+                                 unsigned *niov, int *ret, int max)
 {
     int n = q->nbatch < max ? q->nbatch : max;
     for (int i = 0; i < n; i++) {
         struct pyvu_req *r = q->batch[i];
         handles[i] = r;
+        ret[i] = PYVU_BATCH_UNSET;
         type[i] = r->type;
+        flags[i] = r->fua ? BDRV_REQ_FUA : 0;
         offset[i] = r->offset;
         bytes[i] = r->bytes;
         iov[i] = r->iov;
@@ -1070,24 +1103,85 @@ static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type
     return n;
 }
 
+/* One batched request is done: 0 or -errno (failures go to the error policy).  No push yet. */
+static void pyvu_batch_req_done(struct pyvu_req *r, int ret)
+{
+    r->fua = 0;     /* whoever served it honoured BDRV_REQ_FUA */
+    if (ret < 0) {
+        pyvu_fast_fail(r, ret);
+    } else {
+        pyvu_fast_ok(r);
+    }
+}
+
 /*
- * Python's driver finished a batch: ret[i] is 0 or -errno.  Successes are accounted and pushed
- * here; failures go to the failed list (the error policy).  Returns how many failed.
+ * Python finished (part of) a batch: ret[i] is 0 or -errno, or PYVU_BATCH_PENDING for a
+ * request that completes later (pyvu_fastq_req_done) or that C took back (pyvu_fastq_submit).
+ * Successes are accounted and pushed here; failures go to the failed list (the error policy).
+ * Queue's context.  Returns how many failed.
  */
 static int pyvu_fastq_batch_done(struct pyvu_fastq *q, void **handles, int *ret, int n)
 {
     int nfailed = 0;
     for (int i = 0; i < n; i++) {
-        struct pyvu_req *r = handles[i];
-        if (ret[i] < 0) {
-            pyvu_fast_fail(r, ret[i]);
-            nfailed++;
-        } else {
-            pyvu_fast_ok(r);
+        if (ret[i] == PYVU_BATCH_PENDING) {
+            continue;
         }
+        int res = ret[i] == PYVU_BATCH_UNSET ? -EIO : ret[i];
+        nfailed += res < 0;
+        pyvu_batch_req_done(handles[i], res);
     }
     pyvu_fastq_flush(q);
     return nfailed;
+}
+
+/* One request Python completed later (queue's context); pushed with the next flush. */
+static void pyvu_fastq_req_done(struct pyvu_fastq *q, void *handle, int ret)
+{
+    (void)q;
+    pyvu_batch_req_done(handle, ret);
+}
+
+/*
+ * A Python driver hands leaf I/O back to the C engines: reads, writes and flushes of batch
+ * entries on file descriptor fd at offset[i] (the node's own offsets), through this context's
+ * Linux AIO (laio != 0) or io_uring.  Entries not yet answered (PYVU_BATCH_UNSET) are taken
+ * and marked PYVU_BATCH_PENDING; C completes
+ * them (FUA as write + fsync).  Returns how many were taken, or -1 if this context has no such
+ * engine (Python serves them itself then).  Queue's context.
+ */
+static int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **handles,
+                             uint64_t *offset, int *ret, int n)
+{
+    if (!q->ring || (laio && !q->laio)) {
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = handles[i];
+        if (ret[i] != PYVU_BATCH_UNSET) {
+            continue;               /* answered or taken by someone else */
+        }
+        ret[i] = PYVU_BATCH_PENDING;
+        r->fd = fd;
+        r->offset = offset[i];
+        if (r->type == VBLK_T_FLUSH) {
+            if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
+                pyvu_fast_fail(r, -EIO);
+            }
+        } else if (laio) {
+            pyvu_laio_prep(q->laio, r, r->type == VBLK_T_OUT);
+        } else if (pyvu_ring_prep(q->ring, r, r->type == VBLK_T_OUT ? PYVU_OP_WRITE
+                                                                     : PYVU_OP_READ) < 0) {
+            pyvu_fast_fail(r, -EIO);
+        }
+    }
+    if (q->laio && q->laio->npending) {
+        pyvu_laio_submit(q->laio);
+    }
+    if (q->ring->u.pending || q->ring->u.nbacklog) {
+        pyvu_uring_submit(&q->ring->u);
+    }
+    return n;
 }
 
 static void pyvu_fastq_reported_done(struct pyvu_fastq *q)

@@ -19,7 +19,7 @@
 #define DRV_NONE 0          /* nothing: every request goes to Python */
 #define DRV_NULL 1          /* null-co */
 #define DRV_FILE 2          /* a file through io_uring */
-#define DRV_PYBATCH 3       /* a Python driver that takes parsed requests in batches */
+#define DRV_PYBATCH 3       /* unused (kept so the numbers do not move): see PYVU_BATCH_* */
 #define DRV_FILE_LAIO 4     /* a file through Linux AIO (aio=native, O_DIRECT) */
 
 /* Accounting kinds (QEMU's BlockAcctType) and the latency histogram's size. */
@@ -36,6 +36,18 @@
 #define PYVU_OP_WRITE 1
 #define PYVU_OP_FSYNC 2
 
+/* A batch of parsed requests handed to Python (blocklayer/batch.py): request types (virtio-blk's
+ * numbers), per-request flags (QEMU's BDRV_REQ_* values), the "completed later" mark a
+ * driver leaves in ret[i] (C then leaves the request alone until Python completes it), and
+ * the mark ret[i] starts with. */
+#define PYVU_BATCH_READ 0
+#define PYVU_BATCH_WRITE 1
+#define PYVU_BATCH_FLUSH 4
+#define PYVU_BATCH_PENDING 1
+#define PYVU_BATCH_UNSET 2  /* nobody answered: fails with EIO rather than hanging */
+#define BDRV_REQ_MAY_UNMAP 4
+#define BDRV_REQ_FUA 16
+
 /* The largest request in 512-byte sectors (QEMU's BDRV_REQUEST_MAX_SECTORS). */
 #define BDRV_REQUEST_MAX_SECTORS 4194303
 
@@ -49,7 +61,8 @@ struct pyvu_blkstate {
     uint64_t boundaries[PYVU_NBOUNDS];
     int nbounds;
     uint64_t last_access_ns;
-    uint64_t fast_ops;          /* requests completed by the C path (for tests/stats) */
+    uint64_t fast_ops;          /* requests the C path served end to end (for tests/stats) */
+    uint64_t batch_ops;         /* requests C parsed and Python's node graph served in batches */
     int64_t length;             /* bytes; < 0: no medium */
     int force_slow;             /* the user forced the Python path */
     int wce;                    /* write cache enabled (else writes are FUA) */

@@ -116,6 +116,7 @@ class VuQueue:
         self._done: list[tuple[Any, int]] = []
         self._flush_scheduled = False
         self._process_scheduled = False
+        self._c_flush_scheduled = False
         self._elems = ffi.new("VuVirtqElement *[]", TAKE_MAX)
         self._errs = ffi.new("int[]", TAKE_MAX)
         self._types = ffi.new("int[]", TAKE_MAX)
@@ -184,6 +185,20 @@ class VuQueue:
             return
         lib.pyvu_fastq_process(self.cq)
         self._python_work()
+
+    def schedule_c_flush(self) -> None:
+        """In self.ctx: requests C owns were completed outside its loop (a batch's request
+        finished late): push them and hand any failures to the device soon, even while the
+        queue is paused (a drain waits for exactly these)."""
+        if not self._c_flush_scheduled:
+            self._c_flush_scheduled = True
+            self.ctx.schedule(self._c_flush)
+
+    def _c_flush(self) -> None:
+        self._c_flush_scheduled = False
+        lib.pyvu_fastq_flush(self.cq)
+        if self.cq.nfailed:
+            self._python_work()
 
     def _python_work(self) -> None:
         """Requests C left to Python: hand them to the device.  In self.ctx."""

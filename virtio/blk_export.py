@@ -68,7 +68,9 @@ from blocklayer.block_backend import (
     blk_unref,
 )
 from blocklayer.dev_ops import BlockDevOps
-from vhost.ffi import ffi, lib
+from blocklayer.io import bdrv_batch
+from blocklayer.ratelimit import log_exception_limited
+from vhost.ffi import ffi
 from vhost.server import VuQueue, VuServer
 from virtio.blk_config import WCE_OFFSET, VirtioBlkConfig
 from virtio.blk_handler import (
@@ -137,7 +139,7 @@ class VhostUserBlkExport:
         self.blk.c.lbs = logical_block_size
         self.inflight = inflight
         self.tray_open = False
-        self._batch: dict[AioContext, Batch] = {}  # one per context: its queues take turns
+        self._batch: dict[VuQueue, Batch] = {}  # one per queue, reused
         self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable,
                                         on_stop=self._stop_on_error)
         self.features = 0
@@ -303,22 +305,26 @@ class VhostUserBlkExport:
         return self.blk.c
 
     def serve_batch(self, queue: VuQueue) -> None:
-        """Requests C parsed for a batch-capable Python driver: one driver call per batch
-        (blocklayer/batch.py), completed and pushed by C.  In the queue's AioContext."""
-        cq, b = queue.cq, self._batch.get(queue.ctx)
+        """Requests C parsed and checked for the node graph: handed to the root node a batch
+        at a time (blocklayer/batch.py), completed and pushed by C.  In the queue's
+        AioContext."""
+        b = self._batch.get(queue)
         if b is None:
-            b = self._batch[queue.ctx] = Batch()
-        drv = self.blk.root.drv
+            b = self._batch[queue] = Batch(queue.ctx, queue.cq, queue.schedule_c_flush)
+        b.ctx = queue.ctx  # the queue may have moved to another iothread since
+        cq = queue.cq
         while cq.nbatch:
-            b.n = lib.pyvu_fastq_take_batch(cq, b.handles, b.types, b.offsets, b.lengths,
-                                            b.iovs, b.niovs, b.MAX)
+            b.take()
+            root = self.blk.root
             try:
-                drv.batch_io(b)
+                if root is None:
+                    b.fail_unanswered(-errno.ENOMEDIUM)
+                else:
+                    bdrv_batch(root, b)
             except Exception:
-                log.exception("driver %r failed a batch", drv)
-                for i in range(b.n):
-                    b.ret[i] = -errno.EIO
-            lib.pyvu_fastq_batch_done(cq, b.handles, b.ret, b.n)
+                log_exception_limited(log, "a driver failed a batch on export %r", self.id)
+                b.fail_unanswered(-errno.EIO)
+            b.finish()
 
     def handle_failed(self, queue: VuQueue, elem: Any, err: int, rtype: int) -> None:
         """A request the C path served failed with ``err`` (-errno): apply the error policy
@@ -375,7 +381,8 @@ class VhostUserBlkExport:
         s: dict[str, Any] = {"id": self.id, "node-name": self.node_name,
                              "malformed-requests": self.malformed,
                              "fast-path": not self.blk.c.force_slow,
-                             "fast-path-requests": self.blk.c.fast_ops}
+                             "fast-path-requests": self.blk.c.fast_ops,
+                             "batch-requests": self.blk.c.batch_ops}
         if self.server is not None:
             s.update(self.server.stats())
         s["blockstats"] = blk_get_stats(self.blk).to_dict()

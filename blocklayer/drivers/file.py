@@ -19,6 +19,7 @@ import stat
 from typing import Any
 
 from blocklayer.aio import AioContext
+from blocklayer.batch import T_FLUSH, UNSET, Batch
 from blocklayer.bdrv import (
     BDRV_REQ_FUA,
     BDRV_REQ_MAY_UNMAP,
@@ -32,6 +33,7 @@ from blocklayer.bdrv import (
 )
 from blocklayer.blockdev_options import enum_of
 from blocklayer.file_lock import ImageLock, ImageLockError
+from blocklayer.io import bdrv_batch_each
 from blocklayer.io_uring import OP_FSYNC, OP_READ, OP_WRITE, luring_get
 from blocklayer.iov import IOVector
 from blocklayer.qapi import to_str
@@ -99,6 +101,20 @@ class FileDriver(BlockDriver):
     # -- I/O --------------------------------------------------------------------------------
     def _use_uring(self) -> bool:
         return self.aio != "threads"
+
+    def batch_io(self, b: Batch) -> None:
+        """A batch from above (a filter, or the C path switched off): its reads, writes and
+        flushes go straight back to the queue's C engine (io_uring, or Linux AIO with
+        aio=native), which completes them.  With aio=threads, one by one.  In ``b.ctx``."""
+        if self.no_flush:
+            types, ret = b.types, b.ret
+            for i in range(b.n):
+                if types[i] == T_FLUSH and ret[i] == UNSET:
+                    ret[i] = 0
+        if self.aio == "threads" or lib.pyvu_fastq_submit(
+                b.cq, self.fd, int(self.aio == "native"), b.handles, b.offsets, b.ret, b.n) < 0:
+            assert self.bs is not None
+            bdrv_batch_each(self.bs, b)
 
     def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
         def done(ret: int) -> None:

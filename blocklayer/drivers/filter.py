@@ -4,11 +4,15 @@ As an nbdkit filter, a subclass does its own work and calls the next layer: ever
 the length and resizing go to the child (through ``blocklayer/io.py``, so the child's own rules
 apply), shifted by ``offset`` bytes (0 unless the subclass says otherwise, as ``raw`` does).
 A filter declares no C path, so its requests are served in Python unless it says otherwise.
+``batch_forward`` passes a whole batch down (shifted) for filters with nothing to do per
+request; a subclass opts in with ``batch_io = FilterDriver.batch_forward`` — a filter that
+overrides ``aio_*`` and inherited it would be bypassed.
 """
 
 from __future__ import annotations
 
 from blocklayer.aio import AioContext
+from blocklayer.batch import UNSET, Batch
 from blocklayer.bdrv import BlockDriver, BlockDriverState, Completion, bdrv_truncate
 from blocklayer.io import (
     bdrv_aio_flush,
@@ -16,6 +20,7 @@ from blocklayer.io import (
     bdrv_aio_preadv,
     bdrv_aio_pwrite_zeroes,
     bdrv_aio_pwritev,
+    bdrv_batch,
 )
 from blocklayer.iov import IOVector
 
@@ -51,3 +56,12 @@ class FilterDriver(BlockDriver):
     def aio_pwrite_zeroes(self, ctx: AioContext, offset: int, nbytes: int, flags: int,
                           cb: Completion) -> None:
         bdrv_aio_pwrite_zeroes(self.file, ctx, offset + self.offset, nbytes, flags, cb)
+
+    def batch_forward(self, b: Batch) -> None:
+        """Pass the batch to the child, shifted by ``offset``.  In ``b.ctx``."""
+        if self.offset:
+            offs, ret, delta = b.offsets, b.ret, self.offset
+            for i in range(b.n):
+                if ret[i] == UNSET:
+                    offs[i] += delta
+        bdrv_batch(self.file, b)

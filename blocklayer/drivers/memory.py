@@ -1,10 +1,10 @@
 """x-memory: a disk whose data lives in a Python ``bytearray`` — a driver written in Python.
 
 It is both an example of a Python driver and a test backend: every byte really is stored, so
-data can be verified, and every request runs Python code.  Requests that the C path parses
-(read/write/flush) arrive in batches through ``batch_io`` (the queue's C loop parses, checks and
-accounts them; one Python call serves a whole batch); everything else (discard, write-zeroes,
-requests on the generic path) goes through the usual ``aio_*`` callbacks.
+data can be verified, and every request runs Python code.  Reads, writes and flushes arrive in
+batches through ``batch_io`` (the queue's C loop parses, checks and accounts them; one Python
+call serves a whole batch); everything else (discard, write-zeroes, requests the virtio
+handler serves) goes through the usual ``aio_*`` callbacks.
 
 Options: ``size`` (default 64 MiB).  Contents start as zeroes and vanish with the process.
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 from blocklayer.aio import AioContext
-from blocklayer.batch import Batch  # noqa: F401 - the batch_io argument
-from blocklayer.bdrv import DRV_PYBATCH, BlockDriver, Completion, FastPathInfo, bdrv_register
+from blocklayer.batch import T_READ, T_WRITE, UNSET, Batch
+from blocklayer.bdrv import BlockDriver, Completion, bdrv_register
 from blocklayer.iov import IOVector
 from blocklayer.qapi import to_size
 from vhost.ffi import ffi, lib
 
 DEFAULT_SIZE = 64 << 20
-T_IN, T_OUT = 0, 1
 
 
 @bdrv_register
@@ -42,9 +41,6 @@ class MemoryDriver(BlockDriver):
     def getlength(self) -> int:
         return len(self.data)
 
-    def fast_path_info(self) -> FastPathInfo:
-        return FastPathInfo(DRV_PYBATCH, no_flush=True)
-
     def truncate(self, size: int) -> None:
         self._resize(size)
 
@@ -56,10 +52,12 @@ class MemoryDriver(BlockDriver):
         )
         from_buf, to_buf = lib.pyvu_iov_from_buf, lib.pyvu_iov_to_buf
         for i in range(b.n):
+            if ret[i] != UNSET:
+                continue
             t = types[i]
-            if t == T_IN:
+            if t == T_READ:
                 from_buf(iovs[i], niovs[i], base + offs[i], lens[i])
-            elif t == T_OUT:
+            elif t == T_WRITE:
                 to_buf(iovs[i], niovs[i], base + offs[i], lens[i])
             ret[i] = 0  # flush: memory is as stable as it gets
 

@@ -54,6 +54,8 @@ class RawDriver(FilterDriver):
                 f"Offset ({self.offset}) cannot be greater than size of the containing file "
                 f"({real})")
 
+    batch_io = FilterDriver.batch_forward
+
     def getlength(self) -> int:
         return self.size if self.size is not None else super().getlength()
 

@@ -41,9 +41,9 @@ def test_header_constants_reach_python_unchanged() -> None:
 
 
 def test_python_mirrors_come_from_the_header() -> None:
-    assert (bdrv.DRV_NONE, bdrv.DRV_NULL, bdrv.DRV_FILE, bdrv.DRV_PYBATCH,
+    assert (bdrv.DRV_NONE, bdrv.DRV_NULL, bdrv.DRV_FILE,
             bdrv.DRV_FILE_LAIO) == (lib.DRV_NONE, lib.DRV_NULL, lib.DRV_FILE,
-                                    lib.DRV_PYBATCH, lib.DRV_FILE_LAIO)
+                                    lib.DRV_FILE_LAIO)
     assert (io_uring.OP_READ, io_uring.OP_WRITE, io_uring.OP_FSYNC) == (
         lib.PYVU_OP_READ, lib.PYVU_OP_WRITE, lib.PYVU_OP_FSYNC)
     assert server.TOKEN_C == lib.PYVU_TOKEN_C
