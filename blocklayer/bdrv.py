@@ -9,6 +9,10 @@ links them (``blocklayer/graph.py``: roles, permissions, drain and resize throug
 and the driver reaches them as ``self.bs.children[role]``, doing I/O on them through
 ``blocklayer/io.py``.
 
+A driver may also serve reads, writes and flushes in batches of plain values (``batch_io``,
+``blocklayer/batch.py``): the fast way for Python code; without it, each request of a batch
+goes through the ``aio_*`` callbacks.
+
 Every I/O callback is called in some AioContext (``ctx``, the caller's) and must eventually call
 ``cb(ret)`` *in that same context*: ``ret`` is 0 on success or a negative errno.  A driver may
 call ``cb`` synchronously from inside the I/O callback; the BlockBackend defers such completions
@@ -31,14 +35,15 @@ from vhost.ffi import lib
 
 Completion = Callable[[int], None]
 
-# What the C request path can serve (vhost/pyvu.h): nothing, null-co, a file through io_uring, a
-# Python driver that takes parsed requests in batches (``batch_io``), or a file through Linux AIO
-# (aio=native).
+# What the C request path can serve end to end (vhost/pyvu.h): nothing (the node graph's
+# Python code serves it, in batches), null-co, a file through io_uring, or a file through Linux
+# AIO (aio=native).
 DRV_NONE, DRV_NULL, DRV_FILE = lib.DRV_NONE, lib.DRV_NULL, lib.DRV_FILE
-DRV_PYBATCH, DRV_FILE_LAIO = lib.DRV_PYBATCH, lib.DRV_FILE_LAIO
+DRV_FILE_LAIO = lib.DRV_FILE_LAIO
 
-BDRV_REQ_MAY_UNMAP = 0x4  # write_zeroes may deallocate instead of writing
-BDRV_REQ_FUA = 0x10  # QEMU's flag value: write must be on stable storage before completing
+# QEMU's request flags (vhost/pyvu.h: the batch path carries them)
+BDRV_REQ_MAY_UNMAP = lib.BDRV_REQ_MAY_UNMAP  # write_zeroes may deallocate instead of writing
+BDRV_REQ_FUA = lib.BDRV_REQ_FUA  # the write must be on stable storage before completing
 
 
 class FastPathInfo(NamedTuple):
@@ -61,8 +66,13 @@ class BlockDriver:
     format_name = ""
     #: option name -> converter(value, name) (keyval strings or JSON values)
     options: dict[str, Callable[[Any, str], Any]] = {}
+    #: converter for options not in ``options`` (a plugin's own ``key=value``); None refuses
+    other_option: Callable[..., Any] | None = None
     #: child role -> required (a node-name reference or inline options: ``file.driver=...``)
     child_roles: dict[str, bool] = {}
+    #: ``batch_io(b: Batch)``: serve parsed reads, writes and flushes many at a time
+    #: (blocklayer/batch.py says how to answer each).  None: each goes through ``aio_*``.
+    batch_io: Callable[[Any], None] | None = None
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         self.node_name = node_name
@@ -116,6 +126,10 @@ class BlockDriver:
         driver that says nothing is served in Python, so a new driver is always correct."""
         return FastPathInfo()
 
+    def query_info(self) -> dict[str, Any]:
+        """Driver-specific fields added to the node's ``query-named-block-nodes`` entry."""
+        return {}
+
     def set_perm(self, perm: int, shared: int) -> None:
         """The node's users now hold ``perm`` and share ``shared`` (QEMU's BLK_PERM_* bits).
         Drivers backed by a file lock the image here; raise PermissionError to refuse."""
@@ -146,6 +160,7 @@ class BlockDriverState:
         #: who uses this node: BlockBackends (role 'root') and BdrvChild links of other nodes
         self.parents: list[Any] = []
         self.children: dict[str, BdrvChild] = {}  # role -> link
+        self.options: dict[str, Any] = {}  # the converted options it was opened with
         drv.bs = self
         #: QEMU's bs->bl.request_alignment / min_mem_alignment (bdrv_refresh_limits)
         self.request_alignment = 1
@@ -188,6 +203,7 @@ class BlockDriverState:
             "cache": {"writeback": True, "direct": bool(getattr(self.drv, "direct", False)),
                       "no-flush": bool(getattr(self.drv, "no_flush", False))},
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            **self.drv.query_info(),
         }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 # Importing the drivers package registers every driver module in it (one file per driver).
 import blocklayer.drivers  # noqa: F401
 from blocklayer.bdrv import (
+    BlockDriver,
     BlockDriverError,
     BlockDriverState,
     _drivers,
@@ -112,6 +113,23 @@ def _open_children(cls: type, tree: dict[str, Any], flat_parent: dict[str, Any],
     return children
 
 
+def convert_options(cls: type[BlockDriver], tree: dict[str, Any], from_json: bool
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split a node's option tree into (child role -> spec, flat option strings/values,
+    converted options), refusing unknown options with QEMU's wording."""
+    tree = dict(tree)
+    roles = {r: tree.pop(r) for r in cls.child_roles if r in tree}
+    flat = flatten(tree)
+    table = {**COMMON_OPTIONS, **cls.options}
+    opts: dict[str, Any] = {}
+    for name, value in flat.items():
+        conv = table.get(name) or cls.other_option
+        if conv is None:
+            raise KeyvalError(f"Parameter '{name}' is unexpected")
+        opts[name] = conv(value, name, from_json=from_json)
+    return roles, flat, opts
+
+
 def blockdev_add(tree: dict[str, Any], from_json: bool = False,
                  internal: bool = False) -> BlockDriverState:
     """Open a node, and the new nodes its child options describe, and register them under
@@ -126,16 +144,7 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False,
         raise KeyvalError(f"Parameter 'driver' does not accept value '{driver}'")
     if "node-name" not in tree:
         raise KeyvalError("Parameter 'node-name' is missing")
-    tree = dict(tree)
-    roles = {r: tree.pop(r) for r in cls.child_roles if r in tree}
-    flat = flatten(tree)
-    table = {**COMMON_OPTIONS, **cls.options}
-    opts: dict[str, Any] = {}
-    for name, value in flat.items():
-        conv = table.get(name)
-        if conv is None:
-            raise KeyvalError(f"Parameter '{name}' is unexpected")
-        opts[name] = conv(value, name, from_json=from_json)
+    roles, flat, opts = convert_options(cls, tree, from_json)
     node_name = opts["node-name"]
     if opts.get("detect-zeroes") == "unmap" and opts.get("discard", "ignore") not in (
             "unmap", "on"):
@@ -155,6 +164,7 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False,
             discard=opts.get("discard", "ignore"),
             detect_zeroes=opts.get("detect-zeroes", "off"),
         )
+        bs.options = opts  # what blockdev-reopen compares against
         for role, child in children.items():
             bdrv_attach_child(bs, role, child)
         drv.attach(bs)

@@ -109,11 +109,52 @@ def bdrv_detach_children(bs: BlockDriverState) -> None:
             c.root_drained_end()
         c.bs.parents.remove(c)
         del bs.children[c.role]
-        try:
-            bdrv_refresh_perms(c.bs)
-        except PermissionError:
-            pass  # giving up permissions cannot conflict
+        _release(c.bs)
         bdrv_unref(c.bs)
+
+
+def bdrv_replace_child(c: BdrvChild, new_bs: BlockDriverState) -> None:
+    """Point link ``c`` at ``new_bs`` instead of its current child (QEMU's
+    bdrv_replace_child_noperm plus the permission update), the parent node being drained.
+    The new child takes the link's permissions first; if it refuses (PermissionError, in QEMU's
+    words), nothing changes.  The old child gives them up and loses the link's reference."""
+    from blocklayer.bdrv import bdrv_unref
+
+    old = c.bs
+
+    def move(src: BlockDriverState, dst: BlockDriverState) -> None:
+        for _ in range(src.quiesce_counter):
+            c.root_drained_end()
+        src.parents.remove(c)
+        c.bs = dst
+        dst.parents.append(c)
+        for _ in range(dst.quiesce_counter):
+            c.root_drained_begin()
+
+    move(old, new_bs)
+    # The old subgraph gives up the link's permissions first (its nodes may hold the new child
+    # too, e.g. a filter taken out over the same leaf), as in QEMU's single transaction.
+    _release(old)
+    try:
+        bdrv_refresh_perms(new_bs, c, c.perm, c.shared_perm)
+    except PermissionError:
+        move(new_bs, old)
+        bdrv_refresh_perms(old)  # it held them a moment ago
+        raise
+    new_bs.refcnt += 1
+    bdrv_unref(old)
+
+
+def _release(bs: BlockDriverState) -> None:
+    try:
+        bdrv_refresh_perms(bs)
+    except PermissionError:
+        pass  # giving up permissions cannot conflict
+
+
+def bdrv_is_below(bs: BlockDriverState, top: BlockDriverState) -> bool:
+    """``bs`` is ``top`` or one of its descendants."""
+    return bs is top or any(bdrv_is_below(bs, c.bs) for c in top.children.values())
 
 
 def bdrv_parent_perms(bs: BlockDriverState, changing: Any = None, perm: int = 0,

@@ -48,6 +48,7 @@ from blocklayer.block_backend import (
 )
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import qapi_event_send
+from blocklayer.reopen import bdrv_reopen_multiple
 from pyvhost_blk.exports import export_add
 from pyvhost_blk.keyval import KeyvalError
 from pyvhost_blk.qmp import (
@@ -58,6 +59,7 @@ from pyvhost_blk.qmp import (
     arg_str,
     args_check,
 )
+from pyvhost_blk.qmp_filters import register_filter_commands
 from vhost.server import SocketInUse
 
 if TYPE_CHECKING:
@@ -79,6 +81,7 @@ class BlockCommands:
         reg("x-pyvhost-stats", lambda args: self.d.stats())
         reg("blockdev-add", self.blockdev_add)
         reg("blockdev-del", self.blockdev_del)
+        reg("blockdev-reopen", self.blockdev_reopen, is_async=True)
         reg("block-export-add", self.block_export_add)
         reg("block-export-del", self.block_export_del)
         reg("block_resize", self.block_resize, is_async=True)
@@ -91,6 +94,7 @@ class BlockCommands:
         reg("cont", self.cont)
         reg("x-blockdev-drain", self.drain, is_async=True)
         reg("x-block-export-set-fast-path", self.set_fast_path)
+        register_filter_commands(daemon, dispatcher)  # throttle, blkdebug: qmp_filters.py
 
     # -- queries ---------------------------------------------------------------------------
     def query_block_exports(self, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -151,6 +155,19 @@ class BlockCommands:
         if bs.parents:
             raise QmpError("GenericError", f"Block device {name} is in use")
         bdrv_unref(bs)
+
+    def blockdev_reopen(self, args: dict[str, Any], complete: Complete) -> None:
+        """QEMU's blockdev-reopen: ``options`` lists nodes with their new options (today: which
+        node each child role points at; blocklayer/reopen.py)."""
+        args_check(args, required=("options",))
+        entries = args["options"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise QmpError("GenericError", "Invalid parameter type for 'options', expected: array")
+
+        def done(err: Exception | None) -> None:
+            complete(QmpError("GenericError", str(err)) if err is not None else {})
+
+        bdrv_reopen_multiple(entries, done)
 
     # -- exports -------------------------------------------------------------------------------
     def block_export_add(self, args: dict[str, Any]) -> None:

@@ -95,3 +95,91 @@ def test_qmp_shows_the_graph_and_guards_its_nodes(tmp_path: Path) -> None:
             assert "return" in qmp.cmd_raw("blockdev-del", {"node-name": "leaf2"})
         finally:
             qmp.close()
+
+
+def _qmp_ok(qmp: QEMUMonitorProtocol, cmd: str, args: dict) -> dict:
+    r = qmp.cmd_raw(cmd, args)
+    assert "return" in r, r
+    return r["return"]
+
+
+def _counts(qmp: QEMUMonitorProtocol, node: str) -> dict[str, int]:
+    nodes = {n["node-name"]: n for n in _qmp_ok(qmp, "query-named-block-nodes", {})}
+    return nodes[node]["x-count"]
+
+
+@pytest.mark.parametrize("aio", ["io_uring", "native"])
+def test_a_filter_sees_every_request_and_reopen_takes_it_out(tmp_path: Path, aio: str) -> None:
+    """A Python filter over a file the C path could serve sees every request (served in
+    batches, leaf I/O handed back to C); blockdev-reopen pointing the top node past it brings
+    the C path back, and pointing it at the filter again sends requests through it again."""
+    img = _image(tmp_path)
+    direct = ",cache.direct=on" if aio == "native" else ""
+    args = ["--blockdev", f"driver=file,node-name=leaf,filename={img},aio={aio}{direct}",
+            "--blockdev", "driver=x-count,node-name=cnt,file=leaf",
+            *_args(tmp_path, "driver=raw,node-name=top,file=cnt")]
+    sock = str(tmp_path / "vhost.sock")
+    with DaemonProcess(args, tmp_path) as d:
+        qmp = QEMUMonitorProtocol(str(tmp_path / "qmp.sock"))
+        qmp.connect()
+        try:
+            rc, out, err = run_client(sock, "--mode", "verify", "--blocks", "1500")
+            assert rc == 0 and out["mismatches"] == 0, (out, err, d.log())
+            e = d.stats()["exports"]["exp0"]
+            assert e["fast-path-requests"] == 0
+            n = _counts(qmp, "cnt")
+            assert n["read"] == 1500 and n["write"] == 1500 and n["flush"] >= 1, n
+            assert e["batch-requests"] == 3000 + n["flush"]
+
+            # Take the filter out: the same data, now served by C end to end.
+            _qmp_ok(qmp, "blockdev-reopen", {"options": [
+                {"driver": "raw", "node-name": "top", "file": "leaf"}]})
+            rc, out, err = run_client(sock, "--mode", "verify", "--blocks", "1500")
+            assert rc == 0 and out["mismatches"] == 0, (out, err, d.log())
+            e = d.stats()["exports"]["exp0"]
+            assert e["fast-path-requests"] >= 3000
+            assert _counts(qmp, "cnt") == n  # nothing went through it
+
+            # And back in.
+            _qmp_ok(qmp, "blockdev-reopen", {"options": [
+                {"driver": "raw", "node-name": "top", "file": "cnt"}]})
+            rc, out, err = run_client(sock, "--mode", "verify", "--blocks", "100")
+            assert rc == 0 and out["mismatches"] == 0, (out, err, d.log())
+            assert _counts(qmp, "cnt")["read"] == 1600
+        finally:
+            qmp.close()
+        assert d.terminate() == 0
+
+
+def test_reopen_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    img = _image(tmp_path)
+    args = ["--blockdev", f"driver=file,node-name=leaf,filename={img}",
+            "--blockdev", "driver=x-count,node-name=cnt,file=leaf",
+            *_args(tmp_path, "driver=raw,node-name=top,offset=1M,file=cnt")]
+    with DaemonProcess(args, tmp_path) as d:
+        qmp = QEMUMonitorProtocol(str(tmp_path / "qmp.sock"))
+        qmp.connect()
+        try:
+            def err(entry: dict) -> str:
+                r = qmp.cmd_raw("blockdev-reopen", {"options": [entry]})
+                assert "error" in r, r
+                return r["error"]["desc"]
+
+            base = {"driver": "raw", "node-name": "top", "offset": OFFSET}
+            assert err({**base, "node-name": "nope"}) == \
+                "Failed to find node with node-name='nope'"
+            assert err({**base, "driver": "x-count"}) == "Cannot change the option 'driver'"
+            assert err({**base, "offset": 0}) == "Cannot change the option 'offset'"
+            assert err({**base, "file": "nope"}) == \
+                "Cannot find device='' nor node-name='nope'"
+            assert err({"driver": "x-count", "node-name": "cnt", "file": "top"}) == \
+                "Making 'top' a file child of 'cnt' would create a cycle"
+            assert "Cannot create a node" in err(
+                {**base, "file": {"driver": "file", "filename": str(img)}})
+            # Unchanged options are fine, and the graph did not move.
+            _qmp_ok(qmp, "blockdev-reopen", {"options": [{**base, "file": "cnt"}]})
+            nodes = {n["node-name"]: n for n in _qmp_ok(qmp, "query-named-block-nodes", {})}
+            assert nodes["top"]["children"] == [{"child": "file", "node-name": "cnt"}]
+        finally:
+            qmp.close()
+        assert d.terminate() == 0
