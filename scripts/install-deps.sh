@@ -8,7 +8,9 @@
 #   pinned at priority 100 so nothing else is upgraded;
 # - a deb-src entry for trixie, so the build can fetch QEMU 10.0's source for libvhost-user.
 # - with PYVHOST_BLK_EXTRA_DEPS=1 (scripts/test.sh sets it): what the operations tests drive
-#   for real: libvirt, Prometheus, systemd's tools, strace (to widen a race in one test).
+#   for real: libvirt, Prometheus, systemd's tools, strace (to widen a race in one test),
+#   the network storage servers and client bindings (nbdkit with its Python plugin, libnbd,
+#   a one-node Ceph cluster, librbd/librados for Python), zstd (compressed qcow2 images).
 #
 # The trixie entry uses the Debian mirror this machine is already configured with (its deb822
 # .sources files or sources.list), so the script works behind a local mirror.
@@ -58,7 +60,9 @@ fi
 pkgs=(qemu-system-x86 qemu-utils qemu-block-extra fio busybox-static liburing-dev
       python3 python3-dev python3-venv gcc make pkg-config dpkg-dev cpio gzip xz-utils procps)
 if [ "${PYVHOST_BLK_EXTRA_DEPS:-0}" = 1 ]; then
-    pkgs+=(libvirt-daemon-system libvirt-clients prometheus systemd strace)
+    pkgs+=(libvirt-daemon-system libvirt-clients prometheus systemd strace
+           nbdkit nbdkit-plugin-python python3-libnbd
+           ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados zstd)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
