@@ -56,5 +56,10 @@ class VuDevice(Protocol):
         """Take the queue's parsed batch (``lib.pyvu_fastq_take_batch``), serve it and hand
         the results back (``lib.pyvu_fastq_batch_done``).  In the queue's context."""
 
+    def connection_closing(self) -> None:
+        """Main thread: the connection is closing and waits for the requests in flight.  A
+        device holding requests back (an error policy's stop) gives them up now with
+        ``queue.abandon(elem)`` in the queue's context, or the close would wait forever."""
+
     def connection_changed(self, connected: bool) -> None:
         """A frontend connected / disconnected (main thread)."""

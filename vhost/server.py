@@ -217,6 +217,14 @@ class VuQueue:
                 break
             lib.pyvu_fastq_process(cq)  # the lists were full: C stopped popping early
 
+    def abandon(self, elem: Any) -> None:
+        """In self.ctx: give up ``elem`` without completing it (the connection is going away;
+        the frontend's inflight records bring it back after a reconnect)."""
+        lib.free(elem)
+        lib.pyvu_fastq_python_done(self.cq, 1)
+        if self.cq.in_flight == 0:
+            aio_wait_kick()
+
     def complete(self, elem: Any, in_len: int) -> None:
         """The device is done with ``elem`` (in self.ctx): push it with the next batch."""
         self._done.append((elem, in_len))
@@ -446,6 +454,7 @@ class VuConnection:
         log.info("%s: %s", self.server.name, why,
                  extra={"export": self.server.name, "event": "frontend-disconnected",
                         "reason": why})
+        self.device.connection_closing()
         if self.in_flight() > 0:
             self._wait_for_quiesce(self._finish_close)
         else:

@@ -74,6 +74,7 @@ from vhost.ffi import ffi
 from vhost.server import VuQueue, VuServer
 from virtio.blk_config import WCE_OFFSET, VirtioBlkConfig
 from virtio.blk_handler import (
+    ABANDONED,
     MALFORMED,
     MAX_DISCARD_SECTORS,
     MAX_WRITE_ZEROES_SECTORS,
@@ -148,7 +149,7 @@ class VhostUserBlkExport:
         self.shutting_down = False
         self._stopped = False  # paused by an error policy, waiting for resume_after_error
         self._stop_lock = threading.Lock()
-        self._retries: list[tuple[AioContext, Callable[[], None]]] = []
+        self._retries: list[tuple[AioContext, Callable[[], None], Callable[[], None]]] = []
         blk_set_dev_ops(self.blk, BlockDevOps(
             change_media_cb=self._change_media if removable else None,
             eject_request_cb=self._eject_request if removable else None,
@@ -194,18 +195,27 @@ class VhostUserBlkExport:
         self._change_media(False)
 
     # -- error policy: stop and resume --------------------------------------------------------
-    def _stop_on_error(self, retry: Callable[[], None]) -> None:
+    def _stop_on_error(self, retry: Callable[[], None], abandon: Callable[[], None]) -> None:
         """In the failed request's context: keep it for retry; pause the export once."""
         from blocklayer.aio import current_aio_context
 
         with self._stop_lock:
-            self._retries.append((current_aio_context(), retry))
+            self._retries.append((current_aio_context(), retry, abandon))
             first = not self._stopped
             self._stopped = True
         if first and self.server is not None:
             self.server.pause()
             log.warning("%s: I/O error, export stopped until resumed ('cont')", self.id,
                         extra={"export": self.id, "event": "io-error-stop"})
+
+    def connection_closing(self) -> None:
+        """Main thread: the frontend goes away, so requests kept for a retry never complete on
+        this connection: give them up (not completed — the frontend resubmits them from its
+        inflight records when it reconnects).  The export stays stopped until ``cont``."""
+        with self._stop_lock:
+            kept, self._retries = self._retries, []
+        for ctx, _retry, abandon in kept:
+            ctx.schedule(abandon)
 
     @property
     def stopped(self) -> bool:
@@ -217,7 +227,7 @@ class VhostUserBlkExport:
         with self._stop_lock:
             retries, self._retries = self._retries, []
             was_stopped, self._stopped = self._stopped, False
-        for ctx, retry in retries:
+        for ctx, retry, _abandon in retries:
             ctx.schedule(retry)
         if was_stopped and self.server is not None:
             self.server.resume()
@@ -338,6 +348,9 @@ class VhostUserBlkExport:
             in_len = sum(elem.in_sg[i].iov_len for i in range(elem.in_num))
 
         def done(status: int) -> None:
+            if status == ABANDONED:
+                queue.abandon(elem)
+                return
             ffi.cast("uint8_t *", last.iov_base)[last.iov_len - 1] = status
             queue.complete(elem, in_len)
 
@@ -346,6 +359,9 @@ class VhostUserBlkExport:
 
     def handle_request(self, queue: VuQueue, elem: Any) -> None:
         def done(status: int, in_len: int) -> None:
+            if status == ABANDONED:
+                queue.abandon(elem)
+                return
             if status == MALFORMED:
                 self.malformed += 1
                 queue.complete(elem, 0)

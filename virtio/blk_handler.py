@@ -19,7 +19,9 @@ UNSUPP, as QEMU answers.
 
 A read, write, flush or write-zeroes that fails goes through the BlockBackend's error policy
 (``rerror``/``werror``): *report* → IOERR, *ignore* → OK, *stop* → the request is handed to
-``on_stop(retry)`` and completes only when the transport calls ``retry()`` after a resume.
+``on_stop(retry, abandon)`` and completes only when the transport calls ``retry()`` after a
+resume — or never, if the transport calls ``abandon()`` (``done(ABANDONED)``: the frontend
+went away and will resubmit it).
 
 Threads: ``process_req`` runs in the AioContext that owns the virtqueue; so does ``done``.
 """
@@ -57,6 +59,7 @@ from virtio.constants import (
 )
 
 MALFORMED = -1  # status for "no usable header or status byte": complete with in_len 0
+ABANDONED = -2  # a stopped request given up (the connection went away): do not complete it
 BDRV_REQUEST_MAX_SECTORS = lib.BDRV_REQUEST_MAX_SECTORS  # vhost/pyvu.h
 MAX_DISCARD_SECTORS = 32768  # per request, as QEMU's vhost-user-blk export advertises
 MAX_WRITE_ZEROES_SECTORS = 32768
@@ -108,13 +111,14 @@ class VirtioBlkHandler:
 
     def __init__(
         self, blk: BlockBackend, serial: str, logical_block_size: int, writable: bool,
-        on_stop: Callable[[Callable[[], None]], None] | None = None,
+        on_stop: Callable[[Callable[[], None], Callable[[], None]], None] | None = None,
     ) -> None:
         self.blk = blk
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.logical_block_size = logical_block_size
         self.writable = writable
-        #: called (in the request's context) with a retry callable when a policy says stop
+        #: called (in the request's context) with retry and abandon callables when a policy
+        #: says stop
         self.on_stop = on_stop
 
     def handle_error(self, ret: int, is_read: bool, retry: Callable[[], None],
@@ -126,7 +130,7 @@ class VirtioBlkHandler:
             action = BlockErrorAction.REPORT
         blk_error_action(self.blk, action, is_read, error)
         if action == BlockErrorAction.STOP:
-            self.on_stop(retry)
+            self.on_stop(retry, lambda: done(ABANDONED))
         elif action == BlockErrorAction.IGNORE:
             done(S_OK)
         else:

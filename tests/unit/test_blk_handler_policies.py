@@ -147,14 +147,16 @@ class FlakyDriver(BlockDriver):
 
 
 class Stops:
-    """An ``on_stop(retry)`` hook that keeps the retries."""
+    """An ``on_stop(retry, abandon)`` hook that keeps the retries."""
 
     def __init__(self) -> None:
         self.retries: list[Callable[[], None]] = []
+        self.abandons: list[Callable[[], None]] = []
         self.ctxs: list[AioContext] = []
 
-    def __call__(self, retry: Callable[[], None]) -> None:
+    def __call__(self, retry: Callable[[], None], abandon: Callable[[], None]) -> None:
         self.retries.append(retry)
+        self.abandons.append(abandon)
         self.ctxs.append(current_aio_context())
 
 
@@ -593,7 +595,7 @@ def test_export_stop_keeps_retries_and_resume_retries_each_once(
     assert exp.stopped
     info = exp.info()
     assert info["stopped"] is True and info["io-status"] == io_status
-    assert {id(c) for c, _ in exp._retries} == {id(main_ctx), id(io)}
+    assert {id(c) for c, _, _ in exp._retries} == {id(main_ctx), id(io)}
     assert [d["action"] for _, d in events] == ["stop", "stop"]
 
     drv.errors.clear()

@@ -1,0 +1,2 @@
+"""Support for drivers written by users in Python: the ``nbdkit`` module plugins import
+(``nbdkit.py``) and loading a script (``loader.py``)."""
