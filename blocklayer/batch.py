@@ -31,7 +31,8 @@ from typing import Any
 from blocklayer.iov import IOVector
 from vhost.ffi import ffi, lib
 
-T_READ, T_WRITE, T_FLUSH = lib.PYVU_BATCH_READ, lib.PYVU_BATCH_WRITE, lib.PYVU_BATCH_FLUSH
+# virtio-blk's request types (vhost/pyvu.h)
+T_READ, T_WRITE, T_FLUSH = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH
 PENDING = lib.PYVU_BATCH_PENDING
 UNSET = lib.PYVU_BATCH_UNSET
 

@@ -45,12 +45,6 @@
 #define PYVU_H_LAIO       3
 #define PYVU_QMAX         1024
 
-#define VBLK_T_IN         0
-#define VBLK_T_OUT        1
-#define VBLK_T_FLUSH      4
-#define VBLK_T_BARRIER    0x80000000u
-#define VBLK_S_OK         0
-#define VBLK_S_IOERR      1
 
 
 static int pyvu_wait_efd = -1;
@@ -430,7 +424,7 @@ static void pyvu_fast_ok(struct pyvu_req *r)
     pyvu_acct_done_at(q->blk, r->kind, r->bytes, now - r->start_ns, now);
     __atomic_fetch_add(r->batched ? &q->blk->batch_ops : &q->blk->fast_ops, 1, __ATOMIC_RELAXED);
     pyvu_blk_in_flight_add(q->blk, -1);
-    pyvu_req_complete(r, VBLK_S_OK);
+    pyvu_req_complete(r, VIRTIO_BLK_S_OK);
 }
 
 /*
@@ -500,7 +494,7 @@ static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write
  */
 static void pyvu_req_undo_status(struct pyvu_req *r, VuVirtqElement *e)
 {
-    if (r->type == VBLK_T_IN && e->in_num && r->niov == e->in_num) {
+    if (r->type == VIRTIO_BLK_T_IN && e->in_num && r->niov == e->in_num) {
         e->in_sg[e->in_num - 1].iov_len++;
     }
 }
@@ -543,7 +537,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     struct iovec *last;
     int is_write, in_c = pyvu_c_serves(q, b);
 
-    if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < 16) {
+    if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < VIRTIO_BLK_OUTHDR_SIZE) {
         return 0;
     }
     last = &e->in_sg[e->in_num - 1];
@@ -552,7 +546,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     }
     memcpy(&type, e->out_sg[0].iov_base, 4);
     memcpy(&sector, (char *)e->out_sg[0].iov_base + 8, 8);
-    type = le32toh(type) & ~VBLK_T_BARRIER;
+    type = le32toh(type) & ~VIRTIO_BLK_T_BARRIER;
     sector = le64toh(sector);
     r->q = q;
     r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
@@ -562,7 +556,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     r->batched = 0;
     r->fd = b->fd;
 
-    if (type == VBLK_T_FLUSH) {
+    if (type == VIRTIO_BLK_T_FLUSH) {
         if ((int64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE) < 0) {
             return 0;                       /* no medium: the handler says so */
         }
@@ -583,12 +577,12 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         }
         return 1;
     }
-    if (type != VBLK_T_IN && type != VBLK_T_OUT) {
+    if (type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT) {
         return 0;
     }
-    is_write = type == VBLK_T_OUT;
+    is_write = type == VIRTIO_BLK_T_OUT;
     if (is_write) {
-        if (e->out_sg[0].iov_len != 16) {
+        if (e->out_sg[0].iov_len != VIRTIO_BLK_OUTHDR_SIZE) {
             return 0;   /* header and data in one buffer: leave it to Python */
         }
         r->iov = e->out_sg + 1;
@@ -619,7 +613,7 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
         sector > total || nb > total - sector || (is_write && !b->writable)) {
         pyvu_acct_invalid(b, r->kind);
         r->in_len = 1;
-        pyvu_req_complete(r, VBLK_S_IOERR);
+        pyvu_req_complete(r, VIRTIO_BLK_S_IOERR);
         return 1;
     }
     r->offset = (sector << 9) + (uint64_t)b->offset;
@@ -753,7 +747,7 @@ static int pyvu_fastq_needs_python(struct pyvu_fastq *q)
 static void pyvu_fast_cqe(struct pyvu_req *r, int res)
 {
     struct pyvu_fastq *q = r->q;
-    if (r->type == VBLK_T_FLUSH) {
+    if (r->type == VIRTIO_BLK_T_FLUSH) {
         if (res < 0) {
             pyvu_fast_fail(r, res);
         } else {
@@ -769,12 +763,12 @@ static void pyvu_fast_cqe(struct pyvu_req *r, int res)
         /* Short transfer: a short write means the host ran out of space (as file-posix);
          * a short read (past EOF of an image whose size is not sector-aligned) goes to
          * Python, which re-reads and zero-fills it. */
-        pyvu_fast_fail(r, r->type == VBLK_T_OUT ? -ENOSPC : -EAGAIN);
+        pyvu_fast_fail(r, r->type == VIRTIO_BLK_T_OUT ? -ENOSPC : -EAGAIN);
         return;
     }
     if (r->fua) {
         r->fua = 0;
-        r->type = VBLK_T_FLUSH;     /* the write is done; complete after the fsync */
+        r->type = VIRTIO_BLK_T_FLUSH;     /* the write is done; complete after the fsync */
         r->kind = PYVU_ACCT_WRITE;
         if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
             pyvu_fast_fail(r, -EIO);
@@ -1069,7 +1063,7 @@ static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, in
         struct pyvu_req *r = q->failed[i];
         out[i] = &r->elem;
         err[i] = r->err;
-        type[i] = r->type == VBLK_T_FLUSH && r->kind == PYVU_ACCT_WRITE ? VBLK_T_OUT : r->type;
+        type[i] = r->type == VIRTIO_BLK_T_FLUSH && r->kind == PYVU_ACCT_WRITE ? VIRTIO_BLK_T_OUT : r->type;
         pyvu_req_undo_status(r, &r->elem);   /* give back the status byte */
     }
     memmove(q->failed, q->failed + n, (q->nfailed - n) * sizeof(q->failed[0]));
@@ -1096,7 +1090,7 @@ static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type
         offset[i] = r->offset;
         bytes[i] = r->bytes;
         iov[i] = r->iov;
-        niov[i] = r->type == VBLK_T_FLUSH ? 0 : r->niov;
+        niov[i] = r->type == VIRTIO_BLK_T_FLUSH ? 0 : r->niov;
     }
     memmove(q->batch, q->batch + n, (q->nbatch - n) * sizeof(q->batch[0]));
     q->nbatch -= n;
@@ -1164,13 +1158,13 @@ static int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **hand
         ret[i] = PYVU_BATCH_PENDING;
         r->fd = fd;
         r->offset = offset[i];
-        if (r->type == VBLK_T_FLUSH) {
+        if (r->type == VIRTIO_BLK_T_FLUSH) {
             if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
                 pyvu_fast_fail(r, -EIO);
             }
         } else if (laio) {
-            pyvu_laio_prep(q->laio, r, r->type == VBLK_T_OUT);
-        } else if (pyvu_ring_prep(q->ring, r, r->type == VBLK_T_OUT ? PYVU_OP_WRITE
+            pyvu_laio_prep(q->laio, r, r->type == VIRTIO_BLK_T_OUT);
+        } else if (pyvu_ring_prep(q->ring, r, r->type == VIRTIO_BLK_T_OUT ? PYVU_OP_WRITE
                                                                      : PYVU_OP_READ) < 0) {
             pyvu_fast_fail(r, -EIO);
         }

@@ -36,13 +36,26 @@
 #define PYVU_OP_WRITE 1
 #define PYVU_OP_FSYNC 2
 
-/* A batch of parsed requests handed to Python (blocklayer/batch.py): request types (virtio-blk's
- * numbers), per-request flags (QEMU's BDRV_REQ_* values), the "completed later" mark a
- * driver leaves in ret[i] (C then leaves the request alone until Python completes it), and
- * the mark ret[i] starts with. */
-#define PYVU_BATCH_READ 0
-#define PYVU_BATCH_WRITE 1
-#define PYVU_BATCH_FLUSH 4
+/* virtio-blk (virtio 1.2, 5.2.6): request types, the legacy barrier flag, statuses, the size
+ * of struct virtio_blk_outhdr. */
+#define VIRTIO_BLK_T_IN 0
+#define VIRTIO_BLK_T_OUT 1
+#define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_T_GET_LIFETIME 10
+#define VIRTIO_BLK_T_DISCARD 11
+#define VIRTIO_BLK_T_WRITE_ZEROES 13
+#define VIRTIO_BLK_T_SECURE_ERASE 14
+#define VIRTIO_BLK_T_BARRIER 0x80000000
+#define VIRTIO_BLK_S_OK 0
+#define VIRTIO_BLK_S_IOERR 1
+#define VIRTIO_BLK_S_UNSUPP 2
+#define VIRTIO_BLK_OUTHDR_SIZE 16
+
+/* A batch of parsed requests handed to Python (blocklayer/batch.py) carries virtio-blk request
+ * types, per-request flags (QEMU's BDRV_REQ_* values), the "completed later" mark a driver
+ * leaves in ret[i] (C then leaves the request alone until Python completes it), and the mark
+ * ret[i] starts with. */
 #define PYVU_BATCH_PENDING 1
 #define PYVU_BATCH_UNSET 2  /* nobody answered: fails with EIO rather than hanging */
 #define BDRV_REQ_MAY_UNMAP 4

@@ -1,30 +1,36 @@
-"""virtio / virtio-blk constants (from the virtio 1.2 specification)."""
+"""virtio / virtio-blk constants (from the virtio 1.2 specification).
+
+Request types, statuses and the header size are shared with the C request path: they come from
+``vhost/pyvu.h`` (``lib.VIRTIO_BLK_*``), never retyped here.
+"""
 
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+from vhost.ffi import lib
+
 
 class VirtioBlkType(IntEnum):
     """Request types (``struct virtio_blk_outhdr.type``)."""
 
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    GET_LIFETIME = 10
-    DISCARD = 11
-    WRITE_ZEROES = 13
-    SECURE_ERASE = 14
+    IN = lib.VIRTIO_BLK_T_IN
+    OUT = lib.VIRTIO_BLK_T_OUT
+    FLUSH = lib.VIRTIO_BLK_T_FLUSH
+    GET_ID = lib.VIRTIO_BLK_T_GET_ID
+    GET_LIFETIME = lib.VIRTIO_BLK_T_GET_LIFETIME
+    DISCARD = lib.VIRTIO_BLK_T_DISCARD
+    WRITE_ZEROES = lib.VIRTIO_BLK_T_WRITE_ZEROES
+    SECURE_ERASE = lib.VIRTIO_BLK_T_SECURE_ERASE
 
 
-VIRTIO_BLK_T_BARRIER = 0x80000000  # legacy flag, ignored as QEMU does
+VIRTIO_BLK_T_BARRIER = lib.VIRTIO_BLK_T_BARRIER  # legacy flag, ignored as QEMU does
 
 
 class VirtioBlkStatus(IntEnum):
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
+    OK = lib.VIRTIO_BLK_S_OK
+    IOERR = lib.VIRTIO_BLK_S_IOERR
+    UNSUPP = lib.VIRTIO_BLK_S_UNSUPP
 
 
 class VirtioFeature(IntFlag):
@@ -56,4 +62,4 @@ class VhostUserProtocolFeature(IntFlag):
 VIRTIO_BLK_SECTOR_BITS = 9
 VIRTIO_BLK_SECTOR_SIZE = 512
 VIRTIO_BLK_ID_BYTES = 20
-VIRTIO_BLK_OUTHDR_SIZE = 16
+VIRTIO_BLK_OUTHDR_SIZE = lib.VIRTIO_BLK_OUTHDR_SIZE
