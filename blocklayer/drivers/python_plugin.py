@@ -292,20 +292,28 @@ class PythonPluginDriver(BlockDriver):
                     self._submit_one(b, i)
             return
         # Inline: one lock for the whole batch, and a request in one guest buffer (the usual
-        # case) goes straight to the plugin.
-        read, write, buffer = self._read, self._write, ffi.buffer
+        # case) goes straight to the plugin (API 2: no adapter in between).
+        buffer, h, m = ffi.buffer, self.h, self.m
+        v2 = self.api >= 2
+        read, write = (m.pread, getattr(m, "pwrite", None)) if v2 else (self._read, self._write)
+        plain_write = self.writable
         with self._lock:
             for i in range(b.n):
                 if ret[i] != UNSET:
                     continue
                 t = types[i]
                 try:
-                    if niovs[i] == 1 and (t == T_READ or (t == T_WRITE and self.writable
+                    if niovs[i] == 1 and (t == T_READ or (t == T_WRITE and plain_write
                                                           and not flags[i])):
                         v = iovs[i][0]
                         buf = memoryview(buffer(v.iov_base, v.iov_len))
                         if t == T_READ:
-                            read(buf, offs[i])
+                            if v2:
+                                read(h, buf, offs[i], 0)
+                            else:
+                                read(buf, offs[i])
+                        elif v2:
+                            write(h, buf, offs[i], 0)
                         else:
                             write(buf, offs[i], 0)
                         ret[i] = 0
