@@ -150,9 +150,18 @@ class Daemon:
         self.main_loop_id = oid
 
     def export_add(self, p: ParsedOption) -> VhostUserBlkExport:
-        exp = export_add(p.values, p.from_json, self.iothreads, self.exports)
+        return self.add_export(p.values, p.from_json)
+
+    def add_export(self, values: dict[str, Any], from_json: bool) -> VhostUserBlkExport:
+        """Create an export and register it: the one place exports are added (``--export``
+        and QMP ``block-export-add``).  Main thread.  Raises what ``export_add`` raises."""
+        exp = export_add(values, from_json, self.iothreads, self.exports)
         self.exports[exp.id] = exp
         return exp
+
+    def remove_export(self, eid: str) -> None:
+        """Forget a deleted export (QMP ``block-export-del``, once it drained)."""
+        self.exports.pop(eid, None)
 
     @property
     def servers(self) -> list[VuServer]:

@@ -49,7 +49,6 @@ from blocklayer.block_backend import (
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import qapi_event_send
 from blocklayer.reopen import bdrv_reopen_multiple
-from pyvhost_blk.exports import export_add
 from pyvhost_blk.keyval import KeyvalError
 from pyvhost_blk.qmp import (
     QmpDispatcher,
@@ -172,10 +171,9 @@ class BlockCommands:
     # -- exports -------------------------------------------------------------------------------
     def block_export_add(self, args: dict[str, Any]) -> None:
         try:
-            exp = export_add(args, True, self.d.iothreads, self.d.exports)
+            self.d.add_export(args, True)
         except (KeyvalError, PermissionError, OSError, SocketInUse) as e:
             raise QmpError("GenericError", str(e)) from None
-        self.d.exports[exp.id] = exp
 
     def block_export_del(self, args: dict[str, Any]) -> None:
         args_check(args, required=("id",), optional=("mode",))
@@ -192,7 +190,7 @@ class BlockCommands:
 
         def deleted() -> None:
             exp.delete()
-            self.d.exports.pop(eid, None)
+            self.d.remove_export(eid)
             qapi_event_send("BLOCK_EXPORT_DELETED", {"id": eid})
 
         # Like QEMU, answer now; the export disappears once its requests have drained.
