@@ -10,7 +10,11 @@ queued to run soon in that context.  We keep the same shape:
 * ``schedule(fn, *args)`` queues a BH.  It is the *only* thing other threads may do to a context
   (trio's ``run_sync_soon`` / QEMU's ``aio_bh_schedule_oneshot``): one locked deque and one
   eventfd that wakes the loop only when it is (about to be) blocked in ``epoll_wait``.
-* ``aio_poll(blocking)`` runs one iteration: BHs, then ready fd handlers, then BHs again.
+* ``timer_new(delay, fn, *args)`` runs ``fn(*args)`` in this context once ``delay`` seconds
+  have passed (QEMU's ``aio_timer_new`` + ``timer_mod``); any thread; ``.cancel()`` stops it.
+  Due timers run like BHs; a blocking wait sleeps no longer than the next deadline.
+* ``aio_poll(blocking)`` runs one iteration: BHs and due timers, then ready fd handlers, then
+  BHs again.
 * The wait itself is ``pyvu_poller_wait`` (``vhost/_fastpath.c``), with the GIL released.  Its
   epoll set may also hold *C handlers* (``add_c_handler``): virtqueue kicks and io_uring
   completions served in C without returning to Python.  When such a handler leaves work for
@@ -23,9 +27,12 @@ deliver completions back into the context that submitted a request.
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +51,20 @@ def current_aio_context() -> AioContext:
     return ctx if ctx is not None else qemu_get_aio_context()
 
 
+class AioTimer:
+    """A pending ``timer_new`` call; ``cancel()`` (any thread) stops it if it has not run."""
+
+    __slots__ = ("deadline", "fn", "args", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[..., Any], args: tuple) -> None:
+        self.deadline, self.fn, self.args, self.cancelled = deadline, fn, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class AioContext:
-    """An epoll loop with fd handlers and thread-safe bottom halves."""
+    """An epoll loop with fd handlers, thread-safe bottom halves and timers."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -67,6 +86,8 @@ class AioContext:
         self.home_thread: int | None = None
         self.stopped = False
         self.iterations = 0
+        self._timers: list[tuple[float, int, AioTimer]] = []  # heap, under _bh_lock
+        self._timer_seq = itertools.count()
 
     # -- fd handlers (home thread only) ---------------------------------------------------------
     def set_fd_handler(self, fd: int, handler: Callable[[], None] | None) -> None:
@@ -110,6 +131,37 @@ class AioContext:
         self._signal_bh.append((fn, args))
         os.eventfd_write(self._wake_fd, 1)
 
+    # -- timers (any thread) --------------------------------------------------------------------
+    def timer_new(self, delay: float, fn: Callable[..., Any], *args: Any) -> AioTimer:
+        """Run ``fn(*args)`` in this context after ``delay`` seconds.  Any thread."""
+        t = AioTimer(time.monotonic() + max(0.0, delay), fn, args)
+        with self._bh_lock:
+            first = not self._timers or t.deadline < self._timers[0][0]
+            heapq.heappush(self._timers, (t.deadline, next(self._timer_seq), t))
+            wake = first and self._blocked  # a sleeping loop must shorten its wait
+            if wake:
+                self._blocked = False
+        if wake:
+            os.eventfd_write(self._wake_fd, 1)
+        return t
+
+    def _run_timers(self) -> bool:
+        if not self._timers:
+            return False
+        now = time.monotonic()
+        due = []
+        with self._bh_lock:
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+        for t in due:
+            if t.cancelled:
+                continue
+            try:
+                t.fn(*t.args)
+            except Exception:
+                log.exception("unhandled exception in timer %r", t.fn)
+        return bool(due)
+
     def _run_bhs(self) -> bool:
         ran = False
         while self._signal_bh:
@@ -137,6 +189,7 @@ class AioContext:
     def aio_poll(self, blocking: bool, timeout: float | None = None) -> bool:
         """One loop iteration; returns whether any progress was made.  Home thread only."""
         progress = self._run_bhs()
+        progress = self._run_timers() or progress
         if blocking and not progress:
             with self._bh_lock:
                 if self._bh:
@@ -144,6 +197,9 @@ class AioContext:
                 else:
                     self._blocked = True
                     wait = -1.0 if timeout is None else timeout
+                    if self._timers:
+                        left = max(0.0, self._timers[0][0] - time.monotonic())
+                        wait = left if wait < 0 else min(wait, left)
         else:
             wait = 0.0
         timeout_ms = -1 if wait < 0 else int(wait * 1000 + 0.999)

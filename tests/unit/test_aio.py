@@ -341,3 +341,31 @@ def test_schedule_from_signal_handler_while_main_thread_holds_bh_lock(tmp_path):
         pytest.fail("deadlock: AioContext.schedule() from a signal handler blocked on _bh_lock")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['sig']"
+
+
+def test_timers_run_in_deadline_order_and_cancel(ctx):
+    ran = []
+    ctx.timer_new(0.06, ran.append, "late")
+    ctx.timer_new(0.02, ran.append, "early")
+    dropped = ctx.timer_new(0.04, ran.append, "cancelled")
+    dropped.cancel()
+    t0 = time.monotonic()
+    while len(ran) < 2 and time.monotonic() - t0 < 2:
+        ctx.aio_poll(blocking=True)  # sleeps until the next deadline, not forever
+    assert ran == ["early", "late"]
+    assert time.monotonic() - t0 >= 0.06
+
+
+def test_a_timer_from_another_thread_shortens_a_blocked_wait():
+    t = IOThread("timers")
+    t.start()
+    try:
+        fired = threading.Event()
+        t.ctx.schedule(lambda: None)
+        time.sleep(0.2)  # the loop is now asleep with no deadline
+        t0 = time.monotonic()
+        t.ctx.timer_new(0.05, fired.set)
+        assert fired.wait(2)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        t.stop()
