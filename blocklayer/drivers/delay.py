@@ -10,7 +10,6 @@ node that does not declare a C path: no production code path knows about it.
 from __future__ import annotations
 
 import itertools
-import threading
 from typing import Any
 
 from blocklayer.aio import AioContext
@@ -38,9 +37,7 @@ class DelayFilter(FilterDriver):
             return cb
 
         def later(ret: int) -> None:
-            t = threading.Timer(self.delay, ctx.schedule, (cb, ret))
-            t.daemon = True
-            t.start()
+            ctx.timer_new(self.delay, cb, ret)
 
         return later
 
