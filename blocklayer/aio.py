@@ -15,7 +15,7 @@ queued to run soon in that context.  We keep the same shape:
   Due timers run like BHs; a blocking wait sleeps no longer than the next deadline.
 * ``aio_poll(blocking)`` runs one iteration: BHs and due timers, then ready fd handlers, then
   BHs again.
-* The wait itself is ``pyvu_poller_wait`` (``vhost/_fastpath.c``), with the GIL released.  Its
+* The wait itself is ``pyvu_poller_wait`` (``vhost/csrc/poller.c``), with the GIL released.  Its
   epoll set may also hold *C handlers* (``add_c_handler``): virtqueue kicks and io_uring
   completions served in C without returning to Python.  When such a handler leaves work for
   Python it reports a *token*, dispatched like an fd: ``self._handlers[token]()``.

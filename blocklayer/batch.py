@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-The C queue loop (``vhost/_fastpath.c``) parses and checks every well-formed read, write and
-flush (range, writable, alignment, in flight, accounting, write-through → BDRV_REQ_FUA).  What
-the C engines cannot serve end to end — a node only Python implements, a filter in the graph,
-the C path switched off — waits on the queue's batch list.  The device takes it into a
-``Batch`` (parallel C arrays, no object per request) and hands it to the root node with
-``bdrv_batch`` (``blocklayer/io.py``), which gives it to the driver's ``batch_io`` or, for a
-driver without one, submits each request through the driver's ``aio_*`` callbacks.
+The C queue loop (``vhost/csrc/virtio_blk_queue.c``) parses and checks every well-formed read,
+write and flush (range, writable, alignment, in flight, accounting, write-through →
+BDRV_REQ_FUA).  What the C engines cannot serve end to end — a node only Python implements, a
+filter in the graph, the C path switched off — waits on the queue's batch list.  The device
+takes it into a ``Batch`` (parallel C arrays, no object per request) and hands it to the root
+node with ``bdrv_batch`` (``blocklayer/io.py``), which gives it to the driver's ``batch_io``
+or, for a driver without one, submits each request through the driver's ``aio_*`` callbacks.
 
 Per request ``i`` (``0 <= i < n``): ``types[i]`` (T_READ / T_WRITE / T_FLUSH), ``flags[i]``
 (BDRV_REQ_FUA), ``offsets[i]`` and ``lengths[i]`` in bytes, ``iovs[i]``/``niovs[i]`` the data

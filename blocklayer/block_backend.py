@@ -126,7 +126,7 @@ class BlockBackend:
             collections.deque()
         )
         self._lock = threading.Lock()
-        #: state shared with the C request path (vhost/_fastpath.c): in-flight count,
+        #: state shared with the C request path (vhost/csrc/blkstate.c): in-flight count,
         #: accounting, and the flags that decide which path serves a request
         self.c = ffi.new("struct pyvu_blkstate *")
         lib.pyvu_blk_init(self.c)

@@ -1,7 +1,7 @@
 """io_uring per AioContext (QEMU's block/io_uring.c): LuringState.
 
 One ring per AioContext, created lazily in that context's thread.  The ring is shared with the C
-request path (``struct pyvu_ring`` in ``vhost/_fastpath.c``): its completion eventfd is a C
+request path (``struct pyvu_ring`` in ``vhost/csrc/io_uring.c``): its completion eventfd is a C
 handler of the context's poller, which finishes C requests itself (their user_data is a
 pointer, so even) and keeps completions of Python requests (odd user_data) for
 ``_python_work``.  Python requests prepared during one loop iteration are submitted together by

@@ -2,7 +2,9 @@
 
 Declarations live here and nowhere else; the Pythonic side is ``vhost/ffi.py`` and up.
 libvhost-user's structs are declared with a trailing ``...;`` so their layout comes from the
-compiler, not from us.
+compiler, not from us.  What C shares with Python (constants, ``struct pyvu_blkstate``) is
+``vhost/pyvu.h``, whose declarations are derived from it (``shared_cdef``).  The C itself lives
+in ``vhost/csrc/``, one file per layer, pasted in the order of ``C_SOURCES``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from libvhost_user_source import SourceUnavailable, qemu_source_tree  # noqa: E4
 CDEF = r"""
 struct iovec { void *iov_base; size_t iov_len; };
 
-/* From libvhost-user.h and _pyvu.c; cffi reads their values from the compiled source. */
+/* From libvhost-user.h and csrc/vhost_device.c; cffi reads their values from the compiled
+ * source. */
 #define VHOST_USER_HDR_SIZE ...
 #define VHOST_USER_MAX_CONFIG_SIZE ...
 #define PYVU_MSG_PAYLOAD_MAX ...
@@ -114,6 +117,7 @@ void vu_config_change_msg(VuDev *dev);
 void free(void *ptr);
 int fallocate(int fd, int mode, long offset, long len);
 
+/* csrc/vhost_device.c */
 struct pyvu_dev {
     VuDev vu;
     int eof;
@@ -129,8 +133,11 @@ int pyvu_rdlock(struct pyvu_dev *d);
 int pyvu_wrlock(struct pyvu_dev *d);
 int pyvu_unlock(struct pyvu_dev *d);
 bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg);
+int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply);
+void pyvu_set_x_no_dirty_log(int on);
 VuVirtq *pyvu_queue(VuDev *dev, int qidx);
 
+/* csrc/iov.c */
 int pyvu_iov_slice(const struct iovec *src, unsigned n, size_t skip, size_t trim,
                    struct iovec *dst, uint64_t *size_out);
 size_t pyvu_iov_to_buf(const struct iovec *iov, unsigned n, void *buf, size_t len);
@@ -138,6 +145,7 @@ size_t pyvu_iov_from_buf(const struct iovec *iov, unsigned n, const void *buf, s
 void pyvu_iov_memset(const struct iovec *iov, unsigned n, size_t start, int byte);
 int pyvu_iov_is_zero(const struct iovec *iov, unsigned n);
 
+/* csrc/io_uring.c */
 struct pyvu_uring { int efd; ...; };
 int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd);
 void pyvu_uring_exit(struct pyvu_uring *u);
@@ -146,7 +154,7 @@ int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *io
                     unsigned niov, uint64_t offset, uint64_t user_data);
 int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max);
 
-/* _fastpath.c */
+/* csrc/blkstate.c */
 void pyvu_blk_init(struct pyvu_blkstate *b);
 void pyvu_acct_done(struct pyvu_blkstate *b, int kind, uint64_t bytes, uint64_t ns);
 void pyvu_acct_failed(struct pyvu_blkstate *b, int kind, uint64_t ns);
@@ -156,6 +164,7 @@ uint64_t pyvu_now_ns(void);
 void pyvu_set_wait_efd(int fd);
 void pyvu_set_waiters(int n);
 
+/* csrc/poller.c */
 struct pyvu_chandler { int type; void *obj; };
 struct pyvu_poller { int epfd; uint64_t poll_ns; uint64_t polls, poll_hits; ...; };
 int pyvu_poller_init(struct pyvu_poller *p);
@@ -165,13 +174,16 @@ int pyvu_poller_add_c(struct pyvu_poller *p, int fd, struct pyvu_chandler *h);
 int pyvu_poller_del(struct pyvu_poller *p, int fd);
 int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out, int max);
 
+/* csrc/io_uring.c */
 struct pyvu_ring { struct pyvu_uring u; struct pyvu_chandler h; int npy; ...; };
 int pyvu_ring_init(struct pyvu_ring *ring, unsigned entries, int efd);
 int pyvu_ring_take_py(struct pyvu_ring *ring, uint64_t *ud, int *res, int max);
 
+/* csrc/linux_aio.c */
 struct pyvu_laio { int efd; struct pyvu_chandler h; ...; };
 int pyvu_laio_init(struct pyvu_laio *l, int efd, unsigned nr_events);
 
+/* csrc/virtio_blk_queue.c */
 struct pyvu_fastq {
     struct pyvu_ring *ring;
     struct pyvu_laio *laio;
@@ -186,8 +198,6 @@ struct pyvu_fastq {
     int nbatch;
     ...;
 };
-int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply);
-void pyvu_set_x_no_dirty_log(int on);
 void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
                      struct pyvu_blkstate *b);
 void pyvu_fastq_process(struct pyvu_fastq *q);
@@ -220,6 +230,22 @@ extern "Python" void pyvu_cb_remove_watch(VuDev *, int);
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_HEADER = os.path.join(HERE, "pyvu.h")
+CSRC = os.path.join(HERE, "csrc")
+
+#: The C glue (vhost/csrc/), pasted in this order after vhost/pyvu.h into the one translation
+#: unit that also holds libvhost-user.c: the internal header (the structs and functions the
+#: layers share), then the layers bottom up.  Every function is static; the header's
+#: declarations make the order free, this order only keeps the generated source readable.
+C_SOURCES = (
+    "pyvu_internal.h",      # what the layers share with each other (pyvu.h: with Python)
+    "vhost_device.c",       # vhost-user: struct pyvu_dev, dispatch lock, message validation
+    "iov.c",                # iovec helpers of Python's request path
+    "blkstate.c",           # BlockBackend core: in-flight counts, accounting, drain waiters
+    "io_uring.c",           # io_uring engine, the ring shared by C and Python requests
+    "linux_aio.c",          # Linux AIO engine (aio=native)
+    "poller.c",             # an AioContext's epoll set, C handlers, tokens for Python
+    "virtio_blk_queue.c",   # the per-queue pop loop, parsing, batch hand-off, Python's side
+)
 
 
 def shared_cdef(header: str) -> str:
@@ -247,9 +273,9 @@ def make_ffi() -> FFI:
     with open(SHARED_HEADER, encoding="utf-8") as f:
         header = f.read()
     glue = header + "\n"
-    for name in ("_pyvu.c", "_fastpath.c"):
-        with open(os.path.join(HERE, name), encoding="utf-8") as f:
-            glue += f.read() + "\n"
+    for name in C_SOURCES:
+        with open(os.path.join(CSRC, name), encoding="utf-8") as f:
+            glue += f"/* ---- vhost/csrc/{name} ---- */\n" + f.read() + "\n"
     ffibuilder = FFI()
     ffibuilder.cdef(shared_cdef(header) + CDEF)
     ffibuilder.set_source(

@@ -39,7 +39,7 @@ class VuDevice(Protocol):
         The device must eventually call ``queue.complete(elem, in_len)`` in the same context,
         never free or push the element itself."""
 
-    # -- the C request path (vhost/_fastpath.c) ----------------------------------------------
+    # -- the C request path (vhost/csrc/virtio_blk_queue.c) ----------------------------------
     # Each queue's C loop pops elements and serves what the device's state allows in C; the
     # rest comes back through handle_request, failures through handle_failed, parsed requests
     # for a batch-capable Python driver through serve_batch.

@@ -95,10 +95,11 @@ _NO_QUIESCE = frozenset(
 class VuQueue:
     """One virtqueue of a connection, served in ``ctx``.
 
-    The ring is driven from C (``struct pyvu_fastq`` in ``vhost/_fastpath.c``): the kick eventfd
-    is a C handler of the context's poller, which pops every request and serves in C those it
-    can.  The rest (and fast requests that failed) come back here through ``_python_work`` and
-    go to the device's Python handler.  Counters live in the C struct, shared by both paths.
+    The ring is driven from C (``struct pyvu_fastq`` in ``vhost/csrc/virtio_blk_queue.c``): the
+    kick eventfd is a C handler of the context's poller, which pops every request and serves in
+    C those it can.  The rest (and fast requests that failed) come back here through
+    ``_python_work`` and go to the device's Python handler.  Counters live in the C struct,
+    shared by both paths.
     """
 
     def __init__(self, conn: VuConnection, idx: int, ctx: AioContext) -> None:
@@ -814,7 +815,7 @@ def pyvu_cb_remove_watch(dev: Any, fd: int) -> None:
     pass
 
 
-# Test-only: see pyvu_set_x_no_dirty_log in _pyvu.c (read once, at start).
+# Test-only: see pyvu_set_x_no_dirty_log in csrc/vhost_device.c (read once, at start).
 if os.environ.get("PYVHOST_BLK_X_NO_DIRTY_LOG") == "1":
     lib.pyvu_set_x_no_dirty_log(1)
 

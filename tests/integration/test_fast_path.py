@@ -1,9 +1,9 @@
 """Both request paths, and the state they share, through the real daemon and libblkio.
 
 Plain reads/writes/flushes on null-co and io_uring file nodes are served in C
-(``vhost/_fastpath.c``); ``fast-path=off`` (or QMP ``x-block-export-set-fast-path``) sends every
-request to the node graph's Python code, parsed by C and handed over in batches.  Data must
-verify on both, and the counters users read
+(``vhost/csrc/virtio_blk_queue.c``); ``fast-path=off`` (or QMP ``x-block-export-set-fast-path``)
+sends every request to the node graph's Python code, parsed by C and handed over in batches.
+Data must verify on both, and the counters users read
 (query-blockstats, per-queue requests, in-flight) must be one set of numbers.
 """
 

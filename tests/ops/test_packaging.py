@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.frontend.vhost_user import S_OK, connect
+from vhost._build import C_SOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN_PY = "/usr/bin/python3"
@@ -37,9 +38,13 @@ def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sdist_has_the_c_sources_and_no_libvhost_user(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for need in ("setup.py", "pyproject.toml", "vhost/_build.py", "vhost/_pyvu.c", "vhost/pyvu.h",
-                 "vhost/_fastpath.c", "vhost/libvhost_user_source.py"):
+    for need in ("setup.py", "pyproject.toml", "vhost/_build.py", "vhost/pyvu.h",
+                 "vhost/libvhost_user_source.py"):
         assert need in names, f"{need} missing from the sdist"
+    for name in C_SOURCES:  # every C file the build pastes, and nothing else from vhost/csrc
+        assert f"vhost/csrc/{name}" in names, f"vhost/csrc/{name} missing from the sdist"
+    assert {n for n in names if n.startswith("vhost/csrc/")} == {
+        f"vhost/csrc/{name}" for name in C_SOURCES}
     assert not any(n.endswith(("libvhost-user.c", "libvhost-user.h")) for n in names), \
         "libvhost-user's source must be fetched by the build, never shipped"
 

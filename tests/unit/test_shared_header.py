@@ -3,8 +3,9 @@
 The cffi declarations are generated from the header (vhost/_build.py), so Python reads those
 constants as ``lib.NAME`` and the state's layout as ffi's struct.  This test checks that the
 Python names meant to mirror the header really come from it, and that nothing the header
-defines is written again: not in the C files, and not as a number in the Python modules that
-mirror it (the virtio-blk wire constants, BDRV_REQ_* flags, driver kinds, op codes).
+defines is written again: not in the C files (every file of vhost/csrc/), and not as a number in
+the Python modules that mirror it (the virtio-blk wire constants, BDRV_REQ_* flags, driver kinds,
+op codes).
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ from pathlib import Path
 
 from blocklayer import accounting, bdrv, io_uring
 from vhost import server
-from vhost._build import CDEF, shared_cdef
+from vhost._build import C_SOURCES, CDEF, shared_cdef
 from vhost.ffi import ffi, lib
 from virtio import blk_handler
 from virtio.constants import VirtioBlkStatus, VirtioBlkType
 
 VHOST = Path(server.__file__).resolve().parent
+CSRC = VHOST / "csrc"
+
+
+def _c_files() -> list[Path]:
+    """Every C source and header of vhost/csrc/ (what the build pastes after vhost/pyvu.h)."""
+    files = sorted(p for p in CSRC.iterdir() if p.suffix in (".c", ".h"))
+    assert files, f"no C files in {CSRC}"
+    return files
 
 
 def _defines(text: str) -> dict[str, int]:
@@ -62,8 +71,8 @@ def test_python_mirrors_come_from_the_header() -> None:
 def test_the_state_layout_is_declared_once() -> None:
     header = (VHOST / "pyvu.h").read_text()
     assert "struct pyvu_blkstate {" in header
-    for name in ("_fastpath.c", "_pyvu.c"):
-        assert "struct pyvu_blkstate {" not in (VHOST / name).read_text(), name
+    for path in _c_files():
+        assert "struct pyvu_blkstate {" not in path.read_text(), path.name
     assert "struct pyvu_blkstate {" not in CDEF  # the cdef takes it from the header
     assert "struct pyvu_blkstate {" in shared_cdef(header)
     assert ffi.sizeof("struct pyvu_blkstate") > 0
@@ -71,9 +80,13 @@ def test_the_state_layout_is_declared_once() -> None:
 
 def test_nothing_is_written_twice() -> None:
     header = _defines((VHOST / "pyvu.h").read_text())
-    for name in ("_fastpath.c", "_pyvu.c"):
-        again = set(header) & set(_defines((VHOST / name).read_text()))
-        assert not again, f"{name} redefines {again}"
+    seen: dict[str, str] = {}
+    for path in _c_files():
+        again = set(header) & set(_defines(path.read_text()))
+        assert not again, f"{path.name} redefines {again}"
+        for name in re.findall(r"^\s*#\s*define\s+(\w+)", path.read_text(), re.M):
+            assert name not in seen, f"{name} defined in {seen[name]} and {path.name}"
+            seen[name] = path.name
     assert [t.value for t in VirtioBlkType] == [
         lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH, lib.VIRTIO_BLK_T_GET_ID,
         lib.VIRTIO_BLK_T_GET_LIFETIME, lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES,
@@ -92,3 +105,9 @@ def test_nothing_is_written_twice() -> None:
         text = path.read_text()
         for n in names:
             assert not re.search(rf"^\s*{n}\s*=\s*(0x[0-9a-fA-F]+|\d+)\b", text, re.M), (path, n)
+
+
+def test_every_c_file_is_built() -> None:
+    """The build pastes exactly the files of vhost/csrc/ (none forgotten, none missing)."""
+    assert sorted(C_SOURCES) == [p.name for p in _c_files()]
+    assert C_SOURCES[0] == "pyvu_internal.h"  # the layers' shared declarations come first

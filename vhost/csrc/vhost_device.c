@@ -1,39 +1,33 @@
 /*
- * pyvu: the small amount of C that sits between libvhost-user and Python.
+ * The vhost-user device: the small amount of C that sits between libvhost-user and Python.
  *
- * - struct pyvu_dev wraps a VuDev with the dispatch lock (a writer-preferring rwlock: taken
- *   exclusively around vu_dispatch, shared by queue threads around pop/push) and the state our
- *   own read_msg leaves behind (EOF, or why a message was refused).
+ * Theory of operation
+ * -------------------
+ * - struct pyvu_dev (pyvu_internal.h) wraps a VuDev with the dispatch lock (a writer-preferring
+ *   rwlock: taken exclusively around vu_dispatch, shared by queue threads around pop/push) and
+ *   the state our own read_msg leaves behind (EOF, or why a message was refused).
  * - pyvu_read_msg replaces libvhost-user's default reader: an EOF or a short/oversized message
- *   becomes "disconnect" instead of exit(0) or an assert.
- * - pyvu_uring_*: a few liburing helpers (many liburing functions are static inline, so they
- *   must be called from C), batched so Python crosses into C once per batch.
+ *   becomes "disconnect" instead of exit(0) or an assert.  pyvu_validate_msg checks each
+ *   message before libvhost-user sees it; pyvu_process_msg answers the few that libvhost-user
+ *   must not.
+ * - The ring checks (pyvu_ring_problem, pyvu_next_chain_problem) are what libvhost-user leaves
+ *   out; the queue loop (virtio_blk_queue.c) runs them before popping.
+ *
+ * Threads: messages are read, checked and dispatched on the main thread, inside vu_dispatch
+ * with the dispatch lock held exclusively; the ring checks run on a queue's thread with the
+ * lock held shared.
  *
  * Licence: GPL-2.0-or-later (linked with libvhost-user).
  */
-#include <sys/uio.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <errno.h>
 #include <string.h>
 #include <stdio.h>
 #include <unistd.h>
 #include <stddef.h>
 #include <pthread.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <liburing.h>
-#include "libvhost-user.h"
-
-struct pyvu_dev {
-    VuDev vu;
-    pthread_rwlock_t lock;
-    int eof;            /* the frontend closed the connection */
-    int bad_msg;        /* the last message was refused by pyvu_read_msg */
-    char why[160];      /* why, for the log */
-    void *handle;       /* cffi handle of the Python VuServer connection */
-    unsigned gen;       /* bumped by every message: queue threads re-check their rings */
-    uint16_t inflight_qsize;    /* queue size of the inflight region the frontend gave */
-};
 
 static struct pyvu_dev *pyvu_from_vu(VuDev *dev)
 {
@@ -327,10 +321,6 @@ static uint64_t pyvu_offered_protocol_features(VuDev *dev)
 }
 
 /*
- * libvhost-user's process_msg hook: messages answered here instead of by libvhost-user.
- * Main thread, inside vu_dispatch.  Returns 1 if handled (*do_reply: send vmsg back).
- */
-/*
  * Test-only (PYVHOST_BLK_X_NO_DIRTY_LOG=1, read once at start): accept SET_LOG_BASE but map
  * no log, so nothing the backend writes is logged during a migration.  It shows that the
  * migration test can fail (tests/e2e/test_guest_migration.py); never set otherwise.
@@ -342,6 +332,10 @@ static void pyvu_set_x_no_dirty_log(int on)
     pyvu_x_no_dirty_log = on;
 }
 
+/*
+ * libvhost-user's process_msg hook: messages answered here instead of by libvhost-user.
+ * Main thread, inside vu_dispatch.  Returns 1 if handled (*do_reply: send vmsg back).
+ */
 static int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply)
 {
     if (pyvu_x_no_dirty_log && vmsg->request == VHOST_USER_SET_LOG_BASE) {
@@ -652,294 +646,4 @@ fail:
 static VuVirtq *pyvu_queue(VuDev *dev, int qidx)
 {
     return &dev->vq[qidx];
-}
-
-/* ---- io_uring ---- */
-
-/*
- * An operation that found the submission queue full waits in the ring's backlog (in order)
- * and is prepared as soon as completions make room: a full ring is a transient condition,
- * never an error a guest sees.
- */
-struct pyvu_uring_op {
-    int op, fd;
-    const struct iovec *iov;
-    unsigned niov;
-    uint64_t offset, user_data;
-};
-
-struct pyvu_uring {
-    struct io_uring ring;
-    int efd;
-    unsigned pending;   /* prepared, not yet submitted */
-    struct pyvu_uring_op *backlog;
-    unsigned nbacklog, backlog_head, backlog_cap;
-};
-
-static int pyvu_uring_init(struct pyvu_uring *u, unsigned entries, int efd)
-{
-    int r = io_uring_queue_init(entries, &u->ring, 0);
-    if (r < 0) {
-        return r;
-    }
-    u->efd = efd;
-    u->pending = 0;
-    u->backlog = NULL;
-    u->nbacklog = u->backlog_head = u->backlog_cap = 0;
-    r = io_uring_register_eventfd(&u->ring, efd);
-    if (r < 0) {
-        io_uring_queue_exit(&u->ring);
-        return r;
-    }
-    return 0;
-}
-
-static void pyvu_uring_exit(struct pyvu_uring *u)
-{
-    io_uring_queue_exit(&u->ring);
-    free(u->backlog);
-    u->backlog = NULL;
-    u->nbacklog = u->backlog_head = u->backlog_cap = 0;
-}
-
-/*
- * io_uring requests this thread has submitted and not yet reaped (a ring is only used by its
- * AioContext's thread).  While there are some, the poller does not poll: their completions
- * come from the kernel's io-wq workers or the device, and polling would take the CPU the
- * workers need.  Measured on 2 cores, 64 KiB reads from tmpfs with aio=io_uring on both
- * sides: 0.54x qsd while polling, 1.18x without.
- */
-static __thread int64_t pyvu_tls_uring_inflight;
-
-static void pyvu_uring_prep_sqe(struct io_uring_sqe *sqe, const struct pyvu_uring_op *o)
-{
-    switch (o->op) {
-    case PYVU_OP_READ:
-        io_uring_prep_readv(sqe, o->fd, o->iov, o->niov, o->offset);
-        break;
-    case PYVU_OP_WRITE:
-        io_uring_prep_writev(sqe, o->fd, o->iov, o->niov, o->offset);
-        break;
-    default:
-        io_uring_prep_fsync(sqe, o->fd, 0);
-        break;
-    }
-    io_uring_sqe_set_data64(sqe, o->user_data);
-}
-
-/*
- * Submit what is prepared; the kernel may take only part of it, or refuse for now (-EAGAIN,
- * -EBUSY while completions wait to be reaped): what it did not take stays prepared and is
- * submitted again after the next completions (pyvu_uring_reap's callers) or preparation.
- * Then move the backlog into the room completions made.  Returns 0 or a hard -errno.
- */
-static int pyvu_uring_submit(struct pyvu_uring *u)
-{
-    for (;;) {
-        while (u->nbacklog && io_uring_sq_space_left(&u->ring)) {
-            struct io_uring_sqe *sqe = io_uring_get_sqe(&u->ring);
-            pyvu_uring_prep_sqe(sqe, &u->backlog[u->backlog_head]);
-            u->backlog_head = (u->backlog_head + 1) % u->backlog_cap;
-            u->nbacklog--;
-            u->pending++;
-        }
-        if (!u->pending) {
-            return 0;
-        }
-        int r = io_uring_submit(&u->ring);
-        if (r == -EINTR) {
-            continue;
-        }
-        if (r == -EAGAIN || r == -EBUSY || r == 0) {
-            return 0;               /* transient: retried after completions */
-        }
-        if (r < 0) {
-            return r;
-        }
-        u->pending -= (unsigned)r < u->pending ? (unsigned)r : u->pending;
-        pyvu_tls_uring_inflight += r;
-        if (!u->nbacklog && !u->pending) {
-            return 0;
-        }
-        if (!io_uring_sq_space_left(&u->ring)) {
-            return 0;               /* still full: the next completions make room */
-        }
-    }
-}
-
-/* Keep an operation for later (order kept).  0, or -ENOMEM. */
-static int pyvu_uring_defer(struct pyvu_uring *u, const struct pyvu_uring_op *o)
-{
-    if (u->nbacklog == u->backlog_cap) {
-        unsigned cap = u->backlog_cap ? 2 * u->backlog_cap : 64;
-        struct pyvu_uring_op *b = malloc(cap * sizeof(*b));
-        if (!b) {
-            return -ENOMEM;
-        }
-        for (unsigned i = 0; i < u->nbacklog; i++) {
-            b[i] = u->backlog[(u->backlog_head + i) % u->backlog_cap];
-        }
-        free(u->backlog);
-        u->backlog = b;
-        u->backlog_head = 0;
-        u->backlog_cap = cap;
-    }
-    u->backlog[(u->backlog_head + u->nbacklog) % u->backlog_cap] = *o;
-    u->nbacklog++;
-    return 0;
-}
-
-static struct io_uring_sqe *pyvu_uring_sqe(struct pyvu_uring *u)
-{
-    struct io_uring_sqe *sqe = u->nbacklog ? NULL : io_uring_get_sqe(&u->ring);
-    if (!sqe && !u->nbacklog) {
-        pyvu_uring_submit(u);
-        sqe = io_uring_get_sqe(&u->ring);
-    }
-    return sqe;
-}
-
-/* op: PYVU_OP_READ / WRITE / FSYNC.  Returns 0 (prepared, or kept in the backlog while the
- * submission queue is full) or -ENOMEM. */
-static int pyvu_uring_prep(struct pyvu_uring *u, int op, int fd, const struct iovec *iov,
-                           unsigned niov, uint64_t offset, uint64_t user_data)
-{
-    struct io_uring_sqe *sqe;
-    struct pyvu_uring_op o = { op, fd, iov, niov, offset, user_data };
-    sqe = pyvu_uring_sqe(u);
-    if (!sqe) {
-        return pyvu_uring_defer(u, &o);
-    }
-    pyvu_uring_prep_sqe(sqe, &o);
-    u->pending++;
-    return 0;
-}
-
-/* Harvest up to max completions; returns how many. */
-static int pyvu_uring_reap(struct pyvu_uring *u, uint64_t *user_data, int *res, int max)
-{
-    struct io_uring_cqe *cqe;
-    int n = 0;
-    while (n < max && io_uring_peek_cqe(&u->ring, &cqe) == 0) {
-        user_data[n] = io_uring_cqe_get_data64(cqe);
-        res[n] = cqe->res;
-        n++;
-        io_uring_cqe_seen(&u->ring, cqe);
-        if (pyvu_tls_uring_inflight > 0) {
-            pyvu_tls_uring_inflight--;
-        }
-    }
-    return n;
-}
-
-/* ---- iovec helpers for the request path ---- */
-
-/*
- * Copy src[0..n) into dst, dropping the first `skip` bytes and the last `trim` bytes.
- * Returns the number of iovecs written (<= n), or -1 if there are fewer than skip+trim bytes.
- * *size_out gets the byte count covered by dst.
- */
-static int pyvu_iov_slice(const struct iovec *src, unsigned n, size_t skip, size_t trim,
-                          struct iovec *dst, uint64_t *size_out)
-{
-    uint64_t total = 0, want, got = 0;
-    unsigned i;
-    int out = 0;
-
-    for (i = 0; i < n; i++) {
-        total += src[i].iov_len;
-    }
-    if (total < (uint64_t)skip + trim) {
-        return -1;
-    }
-    want = total - skip - trim;
-    for (i = 0; i < n && got < want; i++) {
-        size_t len = src[i].iov_len;
-        char *base = src[i].iov_base;
-        if (skip >= len) {
-            skip -= len;
-            continue;
-        }
-        base += skip;
-        len -= skip;
-        skip = 0;
-        if (len > want - got) {
-            len = want - got;
-        }
-        if (len == 0) {
-            continue;
-        }
-        dst[out].iov_base = base;
-        dst[out].iov_len = len;
-        out++;
-        got += len;
-    }
-    *size_out = got;
-    return out;
-}
-
-/* Gather up to len bytes from the start of an iovec array; returns bytes copied. */
-static size_t pyvu_iov_to_buf(const struct iovec *iov, unsigned n, void *buf, size_t len)
-{
-    size_t done = 0;
-    for (unsigned i = 0; i < n && done < len; i++) {
-        size_t c = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-        memcpy((char *)buf + done, iov[i].iov_base, c);
-        done += c;
-    }
-    return done;
-}
-
-/* Scatter len bytes into an iovec array; returns bytes copied. */
-static size_t pyvu_iov_from_buf(const struct iovec *iov, unsigned n, const void *buf, size_t len)
-{
-    size_t done = 0;
-    for (unsigned i = 0; i < n && done < len; i++) {
-        size_t c = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
-        memcpy(iov[i].iov_base, (const char *)buf + done, c);
-        done += c;
-    }
-    return done;
-}
-
-/* Fill an iovec array with a byte from offset `start` on. */
-/* 1 if every byte of the vector is zero (detect-zeroes).  Word-at-a-time where aligned. */
-static int pyvu_iov_is_zero(const struct iovec *iov, unsigned n)
-{
-    for (unsigned i = 0; i < n; i++) {
-        const unsigned char *p = iov[i].iov_base;
-        size_t len = iov[i].iov_len;
-        while (len && ((uintptr_t)p & 7)) {
-            if (*p++) {
-                return 0;
-            }
-            len--;
-        }
-        for (; len >= 8; p += 8, len -= 8) {
-            uint64_t w;
-            memcpy(&w, p, 8);
-            if (w) {
-                return 0;
-            }
-        }
-        while (len--) {
-            if (*p++) {
-                return 0;
-            }
-        }
-    }
-    return 1;
-}
-
-static void pyvu_iov_memset(const struct iovec *iov, unsigned n, size_t start, int byte)
-{
-    for (unsigned i = 0; i < n; i++) {
-        size_t len = iov[i].iov_len;
-        if (start >= len) {
-            start -= len;
-            continue;
-        }
-        memset((char *)iov[i].iov_base + start, byte, len - start);
-        start = 0;
-    }
 }

@@ -1,0 +1,571 @@
+/*
+ * The virtio-blk queue: the per-request path in C.  Pops each queue, parses and checks every
+ * request once, serves it in C, hands it to Python's node graph in batches, or leaves it to
+ * the Python handler; completes, accounts and pushes.  And Python's side of a queue.
+ *
+ * Theory of operation
+ * -------------------
+ * The per-request choice is made from flags Python sets in struct pyvu_blkstate (one per
+ * BlockBackend, the single source of truth for in-flight counts and accounting: blkstate.c):
+ *   - C ("fast") path: IN/OUT/FLUSH on a null-co node, or on a file node served by io_uring in
+ *     this context, with no reason for Python to look (slow == 0, force_slow == 0);
+ *   - batch path: every other well-formed IN/OUT/FLUSH (a node only Python can serve, a filter
+ *     in the graph, the C path switched off).  C parses and checks it and queues it on the
+ *     queue's batch list; Python takes the list as plain values (blocklayer/batch.py), the node
+ *     graph serves it — a driver may hand leaf I/O straight back to the C engines
+ *     (pyvu_fastq_submit) — and C accounts, completes and pushes each request;
+ *   - Python handler: anything else (other request types, malformed or misaligned requests, no
+ *     medium).  Such elements go to the queue's slow list and the poller reports the queue to
+ *     Python, which runs virtio/blk_handler.py on them.
+ * A request that *fails* on the fast path is handed to Python as well (the failed list), so the
+ * error policy (rerror/werror, stop and retry) lives in one place.
+ *
+ * Python pauses a queue by setting q->paused and then taking the dispatch lock exclusively
+ * once, so no pop loop is running after that.
+ *
+ * Threads: a queue is only touched by its AioContext's thread (the pop loop with the GIL
+ * released, from the poller's kick handler; Python's side with the GIL).
+ *
+ * Licence: GPL-2.0-or-later (linked with libvhost-user).
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+
+/* Put q on a list of queues that got completions (each once; no bound on their number). */
+static void pyvu_touch(struct pyvu_fastq *q, struct pyvu_fastq **head)
+{
+    if (!q->touched) {
+        q->touched = 1;
+        q->touched_next = *head;
+        *head = q;
+    }
+}
+
+static int64_t pyvu_q_in_flight_add(struct pyvu_fastq *q, int64_t n)
+{
+    int64_t v = __atomic_add_fetch(&q->in_flight, n, __ATOMIC_SEQ_CST);
+    if (v == 0) {
+        pyvu_kick_waiters();
+    }
+    return v;
+}
+
+static void pyvu_req_complete(struct pyvu_req *r, uint8_t status)
+{
+    struct pyvu_fastq *q = r->q;
+    *r->status = status;
+    q->done[q->ndone++] = r;
+}
+
+/* Push completed requests (dispatch lock held shared). */
+static void pyvu_fastq_flush_locked(struct pyvu_fastq *q)
+{
+    VuDev *dev = &q->pdev->vu;
+    VuVirtq *vq = &dev->vq[q->qidx];
+    int n = q->ndone;
+    if (!n) {
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = q->done[i];
+        vu_queue_push(dev, vq, &r->elem, r->in_len);
+        free(r);
+    }
+    q->ndone = 0;
+    vu_queue_notify(dev, vq);
+    pyvu_q_in_flight_add(q, -n);
+}
+
+static void pyvu_fastq_flush(struct pyvu_fastq *q)
+{
+    if (q->ndone) {
+        pthread_rwlock_rdlock(&q->pdev->lock);
+        pyvu_fastq_flush_locked(q);
+        pthread_rwlock_unlock(&q->pdev->lock);
+    }
+}
+
+/*
+ * Hand a C request to Python: failed with -errno (Python's error policy decides what the
+ * guest sees), or -EAGAIN: not an error, Python serves it again from the start (and counts it
+ * then, so a request is counted exactly once).
+ */
+static void pyvu_fast_fail(struct pyvu_req *r, int err)
+{
+    struct pyvu_fastq *q = r->q;
+    if (err != -EAGAIN) {
+        pyvu_acct_failed(q->blk, r->kind, pyvu_now_ns() - r->start_ns);
+    }
+    pyvu_blk_in_flight_add(q->blk, -1);
+    r->err = err;
+    q->failed[q->nfailed++] = r;
+}
+
+static void pyvu_fast_ok(struct pyvu_req *r)
+{
+    struct pyvu_fastq *q = r->q;
+    uint64_t now = pyvu_now_ns();   /* one clock read per request: latency and idle time */
+    pyvu_acct_done_at(q->blk, r->kind, r->bytes, now - r->start_ns, now);
+    __atomic_fetch_add(r->batched ? &q->blk->batch_ops : &q->blk->fast_ops, 1, __ATOMIC_RELAXED);
+    pyvu_blk_in_flight_add(q->blk, -1);
+    pyvu_req_complete(r, VIRTIO_BLK_S_OK);
+}
+
+/*
+ * A read's data iovecs exclude the status byte: the last input iovec is dropped (if it is the
+ * status byte alone) or shortened by one.  Before Python sees the element again, give the
+ * byte back.  Every path that hands a parsed read to Python calls this.
+ */
+static void pyvu_req_undo_status(struct pyvu_req *r, VuVirtqElement *e)
+{
+    if (r->type == VIRTIO_BLK_T_IN && e->in_num && r->niov == e->in_num) {
+        e->in_sg[e->in_num - 1].iov_len++;
+    }
+}
+
+/* The C engines can serve the root node in this queue's context, end to end. */
+static int pyvu_c_serves(struct pyvu_fastq *q, struct pyvu_blkstate *b)
+{
+    if (b->force_slow) {
+        return 0;
+    }
+    switch (b->driver) {
+    case DRV_NULL:
+        return 1;
+    case DRV_FILE:
+        return q->ring != NULL;
+    case DRV_FILE_LAIO:
+        return q->laio != NULL && q->ring != NULL;
+    default:
+        return 0;
+    }
+}
+
+/* Queue a parsed, checked request for Python's node graph (blocklayer/batch.py). */
+static void pyvu_batch_add(struct pyvu_fastq *q, struct pyvu_req *r)
+{
+    r->batched = 1;
+    q->batch[q->nbatch++] = r;
+}
+
+/*
+ * Parse and check a popped request, then serve it in C or queue it for Python's batch path.
+ * Returns 0 if the Python handler must see it (nothing changed), 1 if it was taken.
+ */
+static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
+{
+    struct pyvu_blkstate *b = q->blk;
+    VuVirtqElement *e = &r->elem;
+    uint32_t type;
+    uint64_t sector, total, nb;
+    struct iovec *last;
+    int is_write, in_c = pyvu_c_serves(q, b);
+
+    if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < VIRTIO_BLK_OUTHDR_SIZE) {
+        return 0;
+    }
+    last = &e->in_sg[e->in_num - 1];
+    if (last->iov_len < 1) {
+        return 0;
+    }
+    memcpy(&type, e->out_sg[0].iov_base, 4);
+    memcpy(&sector, (char *)e->out_sg[0].iov_base + 8, 8);
+    type = le32toh(type) & ~VIRTIO_BLK_T_BARRIER;
+    sector = le64toh(sector);
+    r->q = q;
+    r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+    r->type = type;
+    r->fua = 0;
+    r->err = 0;
+    r->batched = 0;
+    r->fd = b->fd;
+
+    if (type == VIRTIO_BLK_T_FLUSH) {
+        if ((int64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE) < 0) {
+            return 0;                       /* no medium: the handler says so */
+        }
+        r->kind = PYVU_ACCT_FLUSH;
+        r->bytes = 0;
+        r->offset = 0;
+        r->iov = NULL;
+        r->niov = 0;
+        r->in_len = 1;
+        r->start_ns = pyvu_now_ns();
+        pyvu_blk_in_flight_add(b, 1);
+        if (!in_c) {
+            pyvu_batch_add(q, r);
+        } else if (b->driver == DRV_NULL || b->no_flush) {
+            pyvu_fast_ok(r);
+        } else if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
+            pyvu_fast_fail(r, -EIO);
+        }
+        return 1;
+    }
+    if (type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT) {
+        return 0;
+    }
+    is_write = type == VIRTIO_BLK_T_OUT;
+    if (is_write) {
+        if (e->out_sg[0].iov_len != VIRTIO_BLK_OUTHDR_SIZE) {
+            return 0;   /* header and data in one buffer: leave it to Python */
+        }
+        r->iov = e->out_sg + 1;
+        r->niov = e->out_num - 1;
+    } else {
+        r->iov = e->in_sg;
+        r->niov = e->in_num;
+        if (last->iov_len == 1) {
+            r->niov--;
+        } else {
+            last->iov_len--;    /* the status byte is not data */
+        }
+    }
+    r->bytes = 0;
+    for (unsigned i = 0; i < r->niov; i++) {
+        r->bytes += r->iov[i].iov_len;
+    }
+    r->kind = is_write ? PYVU_ACCT_WRITE : PYVU_ACCT_READ;
+    r->in_len = is_write ? 1 : (uint32_t)r->bytes + 1;
+    total = (uint64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE);
+    if ((int64_t)total < 0) {
+        pyvu_req_undo_status(r, e);
+        return 0;
+    }
+    total >>= 9;
+    nb = r->bytes >> 9;
+    if ((r->bytes & 511) || nb > BDRV_REQUEST_MAX_SECTORS || ((sector << 9) % b->lbs) ||
+        sector > total || nb > total - sector || (is_write && !b->writable)) {
+        pyvu_acct_invalid(b, r->kind);
+        r->in_len = 1;
+        pyvu_req_complete(r, VIRTIO_BLK_S_IOERR);
+        return 1;
+    }
+    r->offset = (sector << 9) + (uint64_t)b->offset;
+    if (b->align_mask | b->mem_mask) {
+        /* blocklayer/io.py pads or bounces what the node cannot take as it is */
+        uintptr_t bits = 0;
+        for (unsigned i = 0; i < r->niov; i++) {
+            bits |= (uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len;
+        }
+        if (((r->offset | r->bytes) & b->align_mask) || (bits & b->mem_mask)) {
+            pyvu_req_undo_status(r, e);
+            return 0;
+        }
+    }
+    r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
+    r->start_ns = pyvu_now_ns();
+    pyvu_blk_in_flight_add(b, 1);
+    if (!in_c) {
+        pyvu_batch_add(q, r);
+        return 1;
+    }
+    if (b->driver == DRV_NULL) {
+        if (!is_write && b->read_zeroes) {
+            for (unsigned i = 0; i < r->niov; i++) {
+                memset(r->iov[i].iov_base, 0, r->iov[i].iov_len);
+            }
+        }
+        pyvu_fast_ok(r);
+        return 1;
+    }
+    if (b->driver == DRV_FILE_LAIO) {
+        pyvu_laio_prep(q->laio, r, is_write);
+    } else if (pyvu_ring_prep(q->ring, r, is_write ? PYVU_OP_WRITE : PYVU_OP_READ) < 0) {
+        pyvu_fast_fail(r, -EIO);
+    }
+    return 1;
+}
+
+/*
+ * The rings, and the heads libvhost-user will pop again after a reconnect, are safe to walk:
+ * checked before the first pop after every vhost-user message (which may have moved, resized
+ * or remapped them).  A problem marks the device broken, which closes the connection.
+ * Queue's thread, read lock held.
+ */
+static int pyvu_fastq_check_rings(struct pyvu_fastq *q, VuVirtq *vq)
+{
+    struct pyvu_dev *d = q->pdev;
+    const char *why;
+
+    if (!vu_is_vq_usable(&d->vu, vq)) {
+        return 0;                   /* not mapped yet: there is nothing to pop */
+    }
+    why = pyvu_ring_problem(d, vq);
+    for (unsigned i = 0; !why && vq->resubmit_list && i < vq->resubmit_num; i++) {
+        if (vq->resubmit_list[i].index >= vq->vring.num) {
+            why = "inflight entry beyond the ring";
+        }
+    }
+    if (why) {
+        vu_panic(&d->vu, "queue %d: %s", q->qidx, why);
+        return 0;
+    }
+    q->checked_gen = d->gen;
+    return 1;
+}
+
+/*
+ * Completions are pushed and the frontend notified while popping: after the first completed
+ * request of a pop loop (so the frontend can start reaping while we go on), then every
+ * PYVU_NOTIFY_EVERY.  Measured on 2 cores with a libblkio client: notifying only at the end
+ * of the loop leaves client and daemon taking turns (1 queue on null-co 1.3x qsd, 1.55x this
+ * way); notifying after every request wakes the client so often that with 2 queues over 2
+ * iothreads (4 busy threads on 2 cores) throughput fell to 0.3x.
+ */
+#define PYVU_NOTIFY_EVERY 16
+
+/* Pop and serve everything available.  Queue's thread, GIL released. */
+static void pyvu_fastq_process(struct pyvu_fastq *q)
+{
+    struct pyvu_dev *d = q->pdev;
+    VuDev *dev = &d->vu;
+
+    pthread_rwlock_rdlock(&d->lock);
+    if (__atomic_load_n(&q->paused, __ATOMIC_ACQUIRE) || d->vu.broken) {
+        pthread_rwlock_unlock(&d->lock);
+        return;
+    }
+    VuVirtq *vq = &dev->vq[q->qidx];
+    if (q->checked_gen != d->gen && !pyvu_fastq_check_rings(q, vq)) {
+        pthread_rwlock_unlock(&d->lock);
+        return;
+    }
+    int notified = 0;
+    while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX &&
+           q->nbatch < PYVU_QMAX) {
+        const char *why = pyvu_next_chain_problem(dev, vq);
+        if (why) {
+            vu_panic(dev, "queue %d: %s", q->qidx, why);
+            break;
+        }
+        struct pyvu_req *r = vu_queue_pop(dev, vq, sizeof(struct pyvu_req));
+        if (!r) {
+            break;
+        }
+        pyvu_q_in_flight_add(q, 1);
+        q->requests++;
+        if (!pyvu_fast_start(q, r)) {
+            q->slow[q->nslow++] = &r->elem;
+        }
+        if (q->ndone >= (notified ? PYVU_NOTIFY_EVERY : 1)) {
+            pyvu_fastq_flush_locked(q);
+            notified = 1;
+        }
+    }
+    if (q->laio && q->laio->npending) {
+        pyvu_laio_submit(q->laio);
+    }
+    if (q->ring && (q->ring->u.pending || q->ring->u.nbacklog)) {
+        pyvu_uring_submit(&q->ring->u);
+    }
+    pyvu_fastq_flush_locked(q);
+    pthread_rwlock_unlock(&d->lock);
+}
+
+static int pyvu_fastq_needs_python(struct pyvu_fastq *q)
+{
+    return q->nslow || q->nfailed || q->nbatch;
+}
+
+static void pyvu_report_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int max)
+{
+    if (pyvu_fastq_needs_python(q) && !q->py_reported) {
+        q->py_reported = 1;
+        pyvu_emit(out, nout, max, PYVU_TOKEN_C | (uint64_t)(uintptr_t)q);
+    }
+}
+
+/* A completion for a C request. */
+static void pyvu_fast_cqe(struct pyvu_req *r, int res)
+{
+    struct pyvu_fastq *q = r->q;
+    if (r->type == VIRTIO_BLK_T_FLUSH) {
+        if (res < 0) {
+            pyvu_fast_fail(r, res);
+        } else {
+            pyvu_fast_ok(r);
+        }
+        return;
+    }
+    if (res < 0) {
+        pyvu_fast_fail(r, res);
+        return;
+    }
+    if ((uint64_t)res != r->bytes) {
+        /* Short transfer: a short write means the host ran out of space (as file-posix);
+         * a short read (past EOF of an image whose size is not sector-aligned) goes to
+         * Python, which re-reads and zero-fills it. */
+        pyvu_fast_fail(r, r->type == VIRTIO_BLK_T_OUT ? -ENOSPC : -EAGAIN);
+        return;
+    }
+    if (r->fua) {
+        r->fua = 0;
+        r->type = VIRTIO_BLK_T_FLUSH;     /* the write is done; complete after the fsync */
+        r->kind = PYVU_ACCT_WRITE;
+        if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
+            pyvu_fast_fail(r, -EIO);
+        }
+        return;
+    }
+    pyvu_fast_ok(r);
+}
+
+/* ---- Python's side of a queue ---- */
+
+static void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,
+                            struct pyvu_blkstate *b)
+{
+    memset(q, 0, sizeof(*q));
+    q->pdev = d;
+    q->qidx = qidx;
+    q->blk = b;
+    q->kick_fd = -1;
+    q->h.type = PYVU_H_KICK;
+    q->h.obj = q;
+}
+
+/* Python took the queue's token: hand over the slow and failed lists. */
+static int pyvu_fastq_take_slow(struct pyvu_fastq *q, VuVirtqElement **out, int max)
+{
+    int n = q->nslow < max ? q->nslow : max;
+    memcpy(out, q->slow, n * sizeof(out[0]));
+    memmove(q->slow, q->slow + n, (q->nslow - n) * sizeof(q->slow[0]));
+    q->nslow -= n;
+    return n;
+}
+
+static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, int *err,
+                                  int *type, int max)
+{
+    int n = q->nfailed < max ? q->nfailed : max;
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = q->failed[i];
+        out[i] = &r->elem;
+        err[i] = r->err;
+        type[i] = r->type == VIRTIO_BLK_T_FLUSH && r->kind == PYVU_ACCT_WRITE ? VIRTIO_BLK_T_OUT : r->type;
+        pyvu_req_undo_status(r, &r->elem);   /* give back the status byte */
+    }
+    memmove(q->failed, q->failed + n, (q->nfailed - n) * sizeof(q->failed[0]));
+    q->nfailed -= n;
+    return n;
+}
+
+/*
+ * Python takes up to max batched requests as plain values: type (PYVU_BATCH_*), flags
+ * (BDRV_REQ_FUA when the write cache is off), byte offset, length, and the data iovecs (the
+ * status byte is not part of them); ret[i] starts as PYVU_BATCH_UNSET.  Queue's context.
+ */
+static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, int *flags,
+                                 uint64_t *offset, uint64_t *bytes, struct iovec **iov,
+                                 unsigned *niov, int *ret, int max)
+{
+    int n = q->nbatch < max ? q->nbatch : max;
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = q->batch[i];
+        handles[i] = r;
+        ret[i] = PYVU_BATCH_UNSET;
+        type[i] = r->type;
+        flags[i] = r->fua ? BDRV_REQ_FUA : 0;
+        offset[i] = r->offset;
+        bytes[i] = r->bytes;
+        iov[i] = r->iov;
+        niov[i] = r->type == VIRTIO_BLK_T_FLUSH ? 0 : r->niov;
+    }
+    memmove(q->batch, q->batch + n, (q->nbatch - n) * sizeof(q->batch[0]));
+    q->nbatch -= n;
+    return n;
+}
+
+/* One batched request is done: 0 or -errno (failures go to the error policy).  No push yet. */
+static void pyvu_batch_req_done(struct pyvu_req *r, int ret)
+{
+    r->fua = 0;     /* whoever served it honoured BDRV_REQ_FUA */
+    if (ret < 0) {
+        pyvu_fast_fail(r, ret);
+    } else {
+        pyvu_fast_ok(r);
+    }
+}
+
+/*
+ * Python finished (part of) a batch: ret[i] is 0 or -errno, or PYVU_BATCH_PENDING for a
+ * request that completes later (pyvu_fastq_req_done) or that C took back (pyvu_fastq_submit).
+ * Successes are accounted and pushed here; failures go to the failed list (the error policy).
+ * Queue's context.  Returns how many failed.
+ */
+static int pyvu_fastq_batch_done(struct pyvu_fastq *q, void **handles, int *ret, int n)
+{
+    int nfailed = 0;
+    for (int i = 0; i < n; i++) {
+        if (ret[i] == PYVU_BATCH_PENDING) {
+            continue;
+        }
+        int res = ret[i] == PYVU_BATCH_UNSET ? -EIO : ret[i];
+        nfailed += res < 0;
+        pyvu_batch_req_done(handles[i], res);
+    }
+    pyvu_fastq_flush(q);
+    return nfailed;
+}
+
+/* One request Python completed later (queue's context); pushed with the next flush. */
+static void pyvu_fastq_req_done(struct pyvu_fastq *q, void *handle, int ret)
+{
+    (void)q;
+    pyvu_batch_req_done(handle, ret);
+}
+
+/*
+ * A Python driver hands leaf I/O back to the C engines: reads, writes and flushes of batch
+ * entries on file descriptor fd at offset[i] (the node's own offsets), through this context's
+ * Linux AIO (laio != 0) or io_uring.  Entries not yet answered (PYVU_BATCH_UNSET) are taken
+ * and marked PYVU_BATCH_PENDING; C completes
+ * them (FUA as write + fsync).  Returns how many were taken, or -1 if this context has no such
+ * engine (Python serves them itself then).  Queue's context.
+ */
+static int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **handles,
+                             uint64_t *offset, int *ret, int n)
+{
+    if (!q->ring || (laio && !q->laio)) {
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        struct pyvu_req *r = handles[i];
+        if (ret[i] != PYVU_BATCH_UNSET) {
+            continue;               /* answered or taken by someone else */
+        }
+        ret[i] = PYVU_BATCH_PENDING;
+        r->fd = fd;
+        r->offset = offset[i];
+        if (r->type == VIRTIO_BLK_T_FLUSH) {
+            if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
+                pyvu_fast_fail(r, -EIO);
+            }
+        } else if (laio) {
+            pyvu_laio_prep(q->laio, r, r->type == VIRTIO_BLK_T_OUT);
+        } else if (pyvu_ring_prep(q->ring, r, r->type == VIRTIO_BLK_T_OUT ? PYVU_OP_WRITE
+                                                                     : PYVU_OP_READ) < 0) {
+            pyvu_fast_fail(r, -EIO);
+        }
+    }
+    if (q->laio && q->laio->npending) {
+        pyvu_laio_submit(q->laio);
+    }
+    if (q->ring->u.pending || q->ring->u.nbacklog) {
+        pyvu_uring_submit(&q->ring->u);
+    }
+    return n;
+}
+
+static void pyvu_fastq_reported_done(struct pyvu_fastq *q)
+{
+    q->py_reported = 0;
+}
+
+/* Python finished n elements of this queue (pushed them itself). */
+static void pyvu_fastq_python_done(struct pyvu_fastq *q, int n)
+{
+    pyvu_q_in_flight_add(q, -n);
+}
