@@ -294,3 +294,17 @@ def bdrv_unref(bs: BlockDriverState) -> None:
         if _nodes.get(bs.node_name) is bs:
             del _nodes[bs.node_name]
         bdrv_detach_children(bs)
+
+
+def close_all_nodes() -> None:
+    """Main thread, at exit, after the exports are gone: drop the monitor's reference to every
+    node, top nodes first, so each driver's ``close()`` runs (a format writes back its cached
+    metadata) and the images are unlocked."""
+    done: set[int] = set()
+    while True:
+        tops = [bs for bs in _nodes.values() if not bs.parents and id(bs) not in done]
+        if not tops:
+            return
+        for bs in tops:
+            done.add(id(bs))  # one reference each: the monitor's (never loop on a leak)
+            bdrv_unref(bs)

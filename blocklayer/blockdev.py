@@ -65,11 +65,15 @@ _INHERITED = ("read-only", "auto-read-only", "force-share", "cache.direct", "cac
 _CHILD_DEFAULTS = {"discard": "unmap"}
 
 
-def _child_tree(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+def _child_tree(parent: dict[str, Any], child: dict[str, Any], role: str) -> dict[str, Any]:
     tree = dict(child)
     flat_child = flatten(child)
+    if role == "backing":
+        # A backing file is opened read-only unless its own options say otherwise (QEMU's
+        # bdrv_backing_options): the overlay is what the guest writes.
+        tree.setdefault("read-only", True)
     for name in _INHERITED:
-        if name in parent and name not in flat_child:
+        if name in parent and name not in flat_child and name not in tree:
             head, _, tail = name.partition(".")
             if tail:
                 tree[head] = {**tree.get(head, {}), tail: parent[name]}
@@ -93,7 +97,7 @@ def _open_children(cls: type, tree: dict[str, Any], flat_parent: dict[str, Any],
                     raise KeyvalError(f'A block device must be specified for "{role}"')
                 continue
             if isinstance(spec, dict):
-                sub = _child_tree(flat_parent, spec)
+                sub = _child_tree(flat_parent, spec, role)
                 internal = "node-name" not in sub
                 if internal:
                     sub["node-name"] = bdrv_anon_name()
@@ -145,6 +149,12 @@ def blockdev_add(tree: dict[str, Any], from_json: bool = False,
     if "node-name" not in tree:
         raise KeyvalError("Parameter 'node-name' is missing")
     roles, flat, opts = convert_options(cls, tree, from_json)
+    for role, spec in list(roles.items()):
+        # ``backing=null`` (JSON null, or the keyval string): no child, and the driver is told
+        # so (a format would otherwise open the backing file its header names)
+        if not cls.child_roles[role] and (spec is None or spec == "null"):
+            del roles[role]
+            opts[role] = None
     node_name = opts["node-name"]
     if opts.get("detect-zeroes") == "unmap" and opts.get("discard", "ignore") not in (
             "unmap", "on"):

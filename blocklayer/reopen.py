@@ -50,7 +50,7 @@ def _check(tree: dict[str, Any]) -> Plan:
     if driver != cls.format_name or driver not in _drivers:
         raise BlockDriverError("Cannot change the option 'driver'")
     roles, _flat, opts = convert_options(cls, tree, True)
-    for key in opts.keys() | bs.options.keys():
+    for key in (opts.keys() | bs.options.keys()) - cls.child_roles.keys():
         if opts.get(key) != bs.options.get(key):
             raise BlockDriverError(f"Cannot change the option '{key}'")
     new_children: dict[str, BlockDriverState] = {}

@@ -25,7 +25,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from blocklayer.aio import DEFAULT_POLL_MAX_NS, qemu_get_aio_context
-from blocklayer.bdrv import BlockDriverError, bdrv_nodes
+from blocklayer.bdrv import BlockDriverError, bdrv_nodes, close_all_nodes
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import set_event_emitter
 from blocklayer.iothread import IOThread
@@ -277,6 +277,7 @@ class Daemon:
             t.stop()
         for exp in self.exports.values():
             exp.delete()
+        close_all_nodes()
         if self.pidfile:
             try:
                 os.unlink(self.pidfile)

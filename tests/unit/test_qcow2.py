@@ -248,8 +248,6 @@ def test_backing_given_as_a_node(q, tmp_path, main_ctx) -> None:
         bdrv_unref(node)
 
 
-@pytest.mark.xfail(reason="needs blockdev_add to pass backing=null to the driver "
-                          "(see the qcow2 driver's _explicit_no_backing)", strict=False)
 def test_backing_null_means_no_backing(q, tmp_path) -> None:
     base = create(tmp_path / "base.qcow2", "4M")
     qemu_io(base, "write -P 0x61 0 64k")
@@ -518,3 +516,13 @@ def test_corrupt_l2_entry_fails_the_request_not_the_daemon(q, tmp_path) -> None:
                                             cb)) == -5
     assert open(p, "rb").read()[l1_off:l1_off + 8] == data[l1_off:l1_off + 8]
     assert os.path.getsize(p) >= len(data)
+
+
+def test_an_inline_backing_child_is_read_only_unless_it_says_so(q, tmp_path) -> None:
+    base = create(tmp_path / "base.qcow2", "4M")
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    blk = q(top, backing={"driver": "qcow2", "file": {"driver": "file", "filename": base}})
+    backing = blk.root.children["backing"].bs
+    assert backing.read_only and backing.children["file"].bs.read_only
+    assert not blk.root.read_only
