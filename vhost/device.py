@@ -46,7 +46,14 @@ class VuDevice(Protocol):
 
     def request_state(self) -> Any:
         """The ``struct pyvu_blkstate *`` the queues' C loop reads (which requests it may
-        serve, the shared in-flight count and accounting).  Main thread, at connection."""
+        serve, the shared in-flight count and accounting), or ``ffi.NULL``: a device that is
+        not a block device gets every request through ``handle_request``.  Main thread, at
+        connection."""
+
+    def queue_engines(self, ctx: AioContext) -> tuple[Any, Any]:
+        """The C I/O engines a queue served in ``ctx`` may hand requests to:
+        (``struct pyvu_ring *``, ``struct pyvu_laio *``), either ``ffi.NULL``.  In ``ctx``,
+        when the queue starts there."""
 
     def handle_failed(self, queue: VuQueue, elem: Any, err: int, rtype: int) -> None:
         """A request the C loop served failed with ``err`` (-errno; -EAGAIN: serve it again

@@ -53,7 +53,6 @@ from blocklayer.aio import (
     current_aio_context,
     qemu_get_aio_context,
 )
-from blocklayer.io_uring import laio_get, luring_get
 from vhost.device import VuDevice
 from vhost.ffi import ffi, lib
 
@@ -148,8 +147,7 @@ class VuQueue:
         self._detach()
         self.kick_fd = fd
         self.cq.kick_fd = fd
-        self.cq.ring = luring_get(self.ctx).ring
-        self.cq.laio = laio_get(self.ctx)
+        self.cq.ring, self.cq.laio = self.conn.device.queue_engines(self.ctx)
         self.started = True
         self.update_paused()
         self.ctx.add_c_handler(fd, ffi.addressof(self.cq.h), self.token, self._python_work)

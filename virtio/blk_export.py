@@ -69,6 +69,7 @@ from blocklayer.block_backend import (
 )
 from blocklayer.dev_ops import BlockDevOps
 from blocklayer.io import bdrv_batch
+from blocklayer.io_uring import laio_get, luring_get
 from blocklayer.ratelimit import log_exception_limited
 from vhost.ffi import ffi
 from vhost.server import VuQueue, VuServer
@@ -313,6 +314,11 @@ class VhostUserBlkExport:
     def request_state(self) -> Any:
         """The C state the queues' request path reads (``struct pyvu_blkstate *``)."""
         return self.blk.c
+
+    def queue_engines(self, ctx: AioContext) -> tuple[Any, Any]:
+        """This context's io_uring and Linux AIO engines (the file driver's, which the C path
+        also submits to).  In ``ctx``."""
+        return luring_get(ctx).ring, laio_get(ctx)
 
     def serve_batch(self, queue: VuQueue) -> None:
         """Requests C parsed and checked for the node graph: handed to the root node a batch

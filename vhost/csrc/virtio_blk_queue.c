@@ -161,7 +161,12 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
     uint32_t type;
     uint64_t sector, total, nb;
     struct iovec *last;
-    int is_write, in_c = pyvu_c_serves(q, b);
+    int is_write, in_c;
+
+    if (!b) {
+        return 0;   /* not a block device (no blkstate): the device's handle_request */
+    }
+    in_c = pyvu_c_serves(q, b);
 
     if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < VIRTIO_BLK_OUTHDR_SIZE) {
         return 0;
