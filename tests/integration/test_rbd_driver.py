@@ -13,35 +13,16 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.ceph_cluster import CephCluster, CephError
+from tests.ceph_cluster import CephCluster
 from tests.daemon import DaemonProcess, blkio_client, pyvhost_blk_cmd, run_client
 
 MIB = 1 << 20
 IMG_SIZE = 64 * MIB
-
-
-@pytest.fixture(scope="session")
-def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    try:
-        import rados  # noqa: F401
-        import rbd  # noqa: F401
-    except ImportError:
-        pytest.fail("librbd's Python binding is missing: 'apt-get install python3-rbd "
-                    "python3-rados' (the venv must see system site-packages)")
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
-    try:
-        cluster.start()
-    except CephError as e:
-        cluster.stop()
-        pytest.fail(f"could not start the test Ceph cluster: {e}")
-    print(f"\nCeph cluster start-up: {cluster.timings}")
-    yield cluster
-    cluster.stop()
 
 
 def _new_image(ceph: CephCluster, size: int = IMG_SIZE) -> str:
