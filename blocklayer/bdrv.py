@@ -130,6 +130,13 @@ class BlockDriver:
         """Driver-specific fields added to the node's ``query-named-block-nodes`` entry."""
         return {}
 
+    def drained_begin(self) -> None:
+        """Main thread: the node's first drained section begins (QEMU's bdrv_drain_begin
+        callback): requests the driver holds back (a throttle queue) must go now."""
+
+    def drained_end(self) -> None:
+        """Main thread: the node's last drained section ends."""
+
     def set_perm(self, perm: int, shared: int) -> None:
         """The node's users now hold ``perm`` and share ``shared`` (QEMU's BLK_PERM_* bits).
         Drivers backed by a file lock the image here; raise PermissionError to refuse."""
@@ -216,11 +223,15 @@ def bdrv_drained_begin(bs: BlockDriverState) -> None:
     bs.quiesce_counter += 1
     for parent in list(bs.parents):
         parent.root_drained_begin()
+    if bs.quiesce_counter == 1:
+        bs.drv.drained_begin()  # e.g. a throttle node lets its queued requests go
 
 
 def bdrv_drained_end(bs: BlockDriverState) -> None:
     """Main thread: end one drained section; parents resume when the count reaches zero."""
     assert bs.quiesce_counter > 0
+    if bs.quiesce_counter == 1:
+        bs.drv.drained_end()
     bs.quiesce_counter -= 1
     for parent in list(bs.parents):
         parent.root_drained_end()

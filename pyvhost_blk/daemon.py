@@ -29,6 +29,7 @@ from blocklayer.bdrv import BlockDriverError, bdrv_nodes, close_all_nodes
 from blocklayer.blockdev import blockdev_add
 from blocklayer.events import set_event_emitter
 from blocklayer.iothread import IOThread
+from blocklayer.throttle_group import throttle_group_find, throttle_group_object_add
 from pyvhost_blk import systemd
 from pyvhost_blk.chardev import MonitorOptionError, create_monitors
 from pyvhost_blk.cli import CommandLine, UsageError
@@ -115,13 +116,16 @@ class Daemon:
             m = prometheus_object_add(p, self)
             self.metrics[m.id] = m
             return
+        if qom_type == "throttle-group":
+            throttle_group_object_add(v, j, taken=(*self.iothreads, *self.metrics))
+            return
         if qom_type != "iothread":
-            raise KeyvalError(f"Invalid object type '{qom_type}' "
-                              "(pyvhost-blk has 'iothread', 'main-loop' and 'x-prometheus')")
+            raise KeyvalError(f"Invalid object type '{qom_type}' (pyvhost-blk has 'iothread', "
+                              "'main-loop', 'throttle-group' and 'x-prometheus')")
         check_keys(v, ("qom-type", "id", "poll-max-ns", "poll-grow", "poll-shrink",
                        "aio-max-batch", "thread-pool-min", "thread-pool-max"))
         oid = to_str(require(v, "id"), "id", from_json=j)
-        if oid in self.iothreads or oid in self.metrics:
+        if oid in self.iothreads or oid in self.metrics or throttle_group_find(oid) is not None:
             raise KeyvalError(
                 f"attempt to add duplicate property '{oid}' to object (type 'container')"
             )
