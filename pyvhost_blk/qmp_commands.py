@@ -59,6 +59,7 @@ from pyvhost_blk.qmp import (
     args_check,
 )
 from pyvhost_blk.qmp_filters import register_filter_commands
+from pyvhost_blk.qmp_snapshot import register_snapshot_commands
 from vhost.server import SocketInUse
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class BlockCommands:
         reg("x-blockdev-drain", self.drain, is_async=True)
         reg("x-block-export-set-fast-path", self.set_fast_path)
         register_filter_commands(daemon, dispatcher)  # throttle, blkdebug: qmp_filters.py
+        register_snapshot_commands(daemon, dispatcher)  # blockdev-snapshot: qmp_snapshot.py
 
     # -- queries ---------------------------------------------------------------------------
     def query_block_exports(self, args: dict[str, Any]) -> list[dict[str, Any]]:

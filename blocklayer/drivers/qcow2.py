@@ -26,6 +26,18 @@ AioContext; all I/O goes through ``blocklayer/io.py`` on the child nodes.  A rea
 looks up a cached L2 table without any lock; only a cache miss takes the node's metadata mutex.
 A write to an allocated, COPIED cluster is written in place, also without the mutex.
 
+**Batches** (``batch_io``, what the export hands over: many parsed requests at once) keep the
+common case off the coroutines: a read or write inside one cluster whose L2 table is cached
+and whose entry is a normal allocated cluster (COPIED for a write) gets its offset rewritten to
+the host offset and goes down to the ``file`` child with the batch, whose driver hands it to
+the C engines (io_uring, Linux AIO): no Python per request beyond one table lookup.  Reads of
+clusters this image does not have go, as a batch, to the backing node (which does the same
+down the chain).  A write inside one new cluster whose old contents read as zeroes is
+allocated right there under the metadata mutex (if it is free: no waiting in batch_io) when
+the refcount block is cached — counted, mapped — and written the same way.  Everything else
+goes through the per-request coroutines below, started before the rest of the batch goes
+down (see ``batch_io`` for why this cannot race an allocation).
+
 **Allocating writes** (unallocated, zero, compressed or shared clusters) hold their guest
 clusters in a ``RangeLock`` (two writers never allocate one guest cluster), read what the
 clusters keep of their old contents (COW: backing data, zeroes or the old cluster; skipped when
@@ -49,6 +61,10 @@ written; a new refcount block is written and flushed before the refcount-table e
 refcount table before the header switches to it.  Clusters are only ever taken at the end of
 the file, never reused, so a freed-but-still-referenced-on-disk cluster cannot get a second
 owner.  Write-back happens on guest flush, FUA writes, cache pressure, resize and close.
+A cluster allocated by ``batch_io`` is mapped before its data is written; that is safe only
+because it is new and its old contents were zeroes (``_alloc_in_batch``).  Clusters past the
+end of the file found in use are crash leaks and skipped, up to MAX_LEAKED_BYTES; more, or a
+refcount above 1 there, is a damaged refcount table: EIO.
 
 Open-time checks reject bad images with one line (``BlockDriverError``); bad entries found
 later (an L2 table or cluster offset that is misaligned, beyond the file, or overlapping
@@ -69,6 +85,7 @@ from collections.abc import Generator
 from typing import Any
 
 from blocklayer.aio import AioContext, current_aio_context, qemu_get_aio_context
+from blocklayer.batch import T_READ, T_WRITE, UNSET, Batch
 from blocklayer.bdrv import (
     BDRV_REQ_FUA,
     BlockDriver,
@@ -91,6 +108,8 @@ from blocklayer.io import (
     bdrv_aio_pdiscard,
     bdrv_aio_preadv,
     bdrv_aio_pwritev,
+    bdrv_batch,
+    bdrv_batch_each,
 )
 from blocklayer.iov import IOVector
 from blocklayer.qapi import to_int, to_size
@@ -110,6 +129,14 @@ UNALLOC, ZERO, NORMAL, COMPRESSED = range(4)
 ALL_SUBCLUSTERS = 0xFFFFFFFF
 DEFAULT_L2_CACHE_MAX = 32 << 20  # QEMU's default maximum on Linux
 MAX_CHAIN = 64
+#: clusters past the end of the file found in use (leaked by a crash) that allocation skips
+#: before it calls the refcounts damaged: what could have been in flight
+MAX_LEAKED_BYTES = 64 << 20
+#: batch_io: a ``ret`` value marking requests kept from a child while another child is given
+#: the batch (neither UNSET nor PENDING, and never left in place: see ``batch_io``)
+_HIDDEN = 3
+_unpack_q = struct.Struct(">Q").unpack_from
+_unpack_qq = struct.Struct(">QQ").unpack_from
 
 CoGen = Generator[Op, int, Any]
 
@@ -193,6 +220,8 @@ class Qcow2Driver(BlockDriver):
         self.no_backing = _explicit_no_backing(opts)
         self.clean_interval = float(opts.get("cache-clean-interval", 600))
         self._last_clean = time.monotonic()
+        self._clean_timer: Any = None
+        self._closed = False
         self.mutex = CoMutex()
         self.ranges = RangeLock()
         self.pending_frees: list[tuple[int, int]] = []  # (host offset, clusters)
@@ -259,6 +288,8 @@ class Qcow2Driver(BlockDriver):
             raise BlockDriverError(f"Could not read qcow2 tables: {e.strerror}") from None
         self._check_tables()
         self.next_free = -(-file_len // cs)
+        self.leaked_past_eof = 0
+        self.max_leaked = max(1024, MAX_LEAKED_BYTES >> cb)
         if self.writable and self.v3 and h.autoclear:
             # Bitmaps etc. we do not keep up to date: tell QEMU they are stale.
             h.autoclear = 0
@@ -269,6 +300,7 @@ class Qcow2Driver(BlockDriver):
                 raise BlockDriverError(f"Could not update qcow2 header: {e.strerror}") from None
         if "backing" not in bs.children and not self.no_backing and h.backing_file:
             self._open_backing(h)
+        self._arm_clean_timer()  # (last: a refused image leaves no timer behind)
 
     def _setup_caches(self) -> None:
         o, cs = self.opts, self.cs
@@ -419,6 +451,200 @@ class Qcow2Driver(BlockDriver):
     def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
         co_start(ctx, self._co_zero(offset, nbytes, 0, discard=True), cb)
 
+    def batch_io(self, b: Batch) -> None:
+        """The common case without one Python coroutine per request.  In ``b.ctx``.
+
+        A read or write inside one cluster whose L2 table is cached and whose entry is a
+        normal allocated cluster (all subclusters allocated with extended L2; for a write also
+        COPIED, no FUA, and no allocating request holding that guest cluster) gets its offset
+        rewritten to the host offset and goes to the ``file`` child with the rest of the
+        batch: the file driver hands such requests to the C engines (io_uring / Linux AIO).
+        A read inside one cluster that is unallocated in this image (its L2 entry, or its
+        whole L2 table, absent) and inside the backing node's length goes to the backing node
+        as a batch, the same way down the chain.  A write inside one new cluster whose old
+        contents read as zeroes is allocated here when that needs no I/O and no wait
+        (``_alloc_in_batch``) and goes to the file too.  Everything else — other allocating
+        writes (COW), zero and compressed clusters, requests spanning clusters, L2 tables not
+        in the cache, corrupt entries, flushes (metadata write-back, then the file), FUA
+        writes — is started first through the per-request path (``bdrv_batch_each``), so no
+        child sees it as UNSET.
+
+        Why this is safe against allocations: a cluster an allocating write is allocating has
+        no normal COPIED entry until its data is written (the entry is set last, under the
+        mutex), so no in-place write of it can reach C before the allocation's data; clusters
+        are only ever taken at the end of the file, never reused, so a host offset looked up
+        here cannot meanwhile belong to something else.  A request racing a discard of its own
+        range may land in the freed cluster (the guest asked for both at once: either order
+        is allowed; the cluster is never reused).  The mapping a request used is the one
+        current when the batch was served, as for the per-request path's lock-free lookups.
+        """
+        bs = self.bs
+        assert bs is not None
+        n = b.n
+        ret, types, offs, lens, flags = b.ret, b.types, b.offsets, b.lengths, b.flags
+        cb, cs = self.cluster_bits, self.cs
+        cmask, l2bits, l2mask = cs - 1, self.l2_bits, self.l2_entries - 1
+        l1, l1n = self.l1, self.l1_size
+        cache = self.l2_cache
+        ext, v3, meta = self.ext_l2, self.v3, self.meta
+        limit = max(self.file_len, self.next_free << cb)
+        held = self.ranges._held  # non-empty while some allocating request runs
+        writable = getattr(self, "writable", False)
+        bk = self.backing
+        blen = bk.bdrv_getlength() if bk is not None else 0
+        seen: dict[int, bytearray] = {}
+        slow: list[int] = []
+        fast = 0
+        back: list[int] = []
+        locked: bool | None = None  # the metadata mutex: not tried yet / held / busy
+        try:
+            for i in range(n):
+                if ret[i] != UNSET:
+                    continue
+                t = types[i]
+                if t == T_WRITE:
+                    if flags[i] or not writable:
+                        slow.append(i)
+                        continue
+                elif t != T_READ:
+                    slow.append(i)
+                    continue
+                off, ln = offs[i], lens[i]
+                c = off >> cb
+                if not ln or (off + ln - 1) >> cb != c:
+                    slow.append(i)
+                    continue
+                l1i = c >> l2bits
+                l2off = l1[l1i] & OFFSET_MASK if l1i < l1n else 0
+                if not l2off:
+                    if t == T_READ and off + ln <= blen:
+                        back.append(i)
+                    else:
+                        slow.append(i)
+                    continue
+                tbl = seen.get(l2off)
+                if tbl is None:
+                    tbl = cache.peek(l2off)
+                    if tbl is None:
+                        slow.append(i)
+                        continue
+                    seen[l2off] = tbl
+                if ext:
+                    e, bm = _unpack_qq(tbl, (c & l2mask) << 4)
+                    if bm & ALL_SUBCLUSTERS != ALL_SUBCLUSTERS:
+                        if not bm and not e & OFLAG_COMPRESSED and t == T_READ \
+                                and off + ln <= blen:
+                            back.append(i)
+                        else:
+                            slow.append(i)
+                        continue
+                else:
+                    e = _unpack_q(tbl, (c & l2mask) << 3)[0]
+                    if t == T_WRITE and (not e or e == OFLAG_ZERO and v3):
+                        if locked is None:  # the mutex for the rest of the loop, if free now
+                            locked = self.mutex.try_lock()
+                        host = self._alloc_in_batch(c, l1i, l2off, tbl, e, blen) \
+                            if locked else None
+                        if host is None:
+                            slow.append(i)
+                        else:
+                            offs[i] = host + (off & cmask)
+                            limit = max(limit, self.next_free << cb)
+                            fast += 1
+                        continue
+                    if e & OFLAG_ZERO and v3:
+                        slow.append(i)
+                        continue
+                host = e & OFFSET_MASK
+                if e & OFLAG_COMPRESSED or not host:
+                    if not e and t == T_READ and off + ln <= blen:
+                        back.append(i)
+                    else:
+                        slow.append(i)
+                    continue
+                if t == T_WRITE and (not e & OFLAG_COPIED
+                                     or held and self.ranges.busy(c, c + 1)):
+                    slow.append(i)
+                    continue
+                if host & cmask or host + cs > limit or (host >> cb) in meta:
+                    slow.append(i)  # the per-request path fails it with EIO and a log line
+                    continue
+                offs[i] = host + (off & cmask)
+                fast += 1
+        finally:
+            if locked:
+                self.mutex.unlock()
+        if slow:
+            bdrv_batch_each(bs, b, slow)
+        if fast:
+            for i in back:
+                ret[i] = _HIDDEN
+            try:
+                bdrv_batch(self.file, b)
+            finally:
+                for i in back:
+                    if ret[i] == _HIDDEN:
+                        ret[i] = UNSET
+        if back:
+            assert bk is not None
+            bdrv_batch(bk, b)
+
+    def _alloc_in_batch(self, c: int, l1i: int, l2off: int, tbl: bytearray, e: int,
+                        blen: int) -> int | None:
+        """batch_io, holding the metadata mutex: allocate guest cluster ``c`` for a write that
+        lies inside it, without a coroutine, when nothing needs I/O or a wait: its L2 table is
+        cached and not shared, its old contents read as zeroes (unallocated with nothing
+        below, or a zero cluster without a host cluster), no allocating request holds it, and
+        the next free cluster's refcount block is cached.  Returns the new host offset (the
+        entry already points at it), or None: the per-request path does it then.
+
+        Crash safety is that of the per-request path: the refcount is counted (in the cache)
+        before the L2 entry is set, and both are written back in the usual order.  The entry
+        is set before the data is written, which the per-request path does after; that is
+        safe because the cluster is new (past everything the file held, so it reads as
+        zeroes until written) and its old contents were zeroes too: a write-back, or a crash,
+        before the data lands shows zeroes — the data of a write not yet completed."""
+        l1e = self.l1[l1i]
+        if not l1e & OFLAG_COPIED or l1e & OFFSET_MASK != l2off:
+            return None
+        # Under the mutex now: the table must still be the cached one (a table evicted and
+        # read again is another buffer) and the entry what the caller saw (another context
+        # may have allocated the cluster between its look and our taking the mutex).
+        if self.l2_cache.tables.get(l2off) is not tbl:
+            return None
+        l2i = c & (self.l2_entries - 1)
+        if _unpack_q(tbl, l2i << 3)[0] != e:
+            return None
+        if e != OFLAG_ZERO:
+            bk = self.backing
+            if bk is not None and (c << self.cluster_bits) < blen:
+                return None
+        with self.ranges._lock:  # an allocating request taking the cluster waits for this
+            if self.ranges._busy(c, c + 1):
+                return None
+            return self._alloc_one(c, l2off, tbl, l2i)
+
+    def _alloc_one(self, c: int, l2off: int, tbl: bytearray, l2i: int) -> int | None:
+        rb = self.rb_bits
+        new = self.next_free
+        b = new >> rb
+        if b >= len(self.reftable) or not self.reftable[b]:
+            return None
+        roff = self.reftable[b]
+        blk = self.rc_cache.tables.get(roff)
+        if blk is None:
+            return None
+        ri = new & ((1 << rb) - 1)
+        if self._rc_get(blk, ri):
+            return None  # in use past the end of the file: _co_alloc says so and skips it
+        self._rc_set(blk, ri, 1)
+        self.rc_cache.mark_dirty(roff)
+        self.next_free = new + 1
+        host = new << self.cluster_bits
+        struct.pack_into(">Q", tbl, l2i << 3, host | OFLAG_COPIED)
+        self.l2_cache.mark_dirty(l2off)
+        return host
+
     def truncate(self, size: int) -> None:
         """Main thread, node drained: grow the image (shrinking is refused)."""
         if size < self.size:
@@ -429,6 +655,9 @@ class Qcow2Driver(BlockDriver):
 
     def close(self) -> None:
         """Write back dirty metadata (main thread; polls until done)."""
+        self._closed = True
+        if self._clean_timer is not None:
+            self._clean_timer.cancel()
         if getattr(self, "writable", False) and hasattr(self, "meta") and (
                 self.l2_cache.dirty or self.rc_cache.dirty or self.pending_frees):
             try:
@@ -465,6 +694,29 @@ class Qcow2Driver(BlockDriver):
             for c in range(off >> cb, (off + length - 1 >> cb) + 1):
                 if c in self.meta:
                     raise _corrupt(f"{self.node_name}: data cluster {off:#x} overlaps metadata")
+
+    def _arm_clean_timer(self) -> None:
+        """QEMU's cache-clean-interval timer: every interval, forget the tables nobody used
+        for that long (an idle guest's cache shrinks without any request)."""
+        if self.clean_interval > 0 and not self._closed:
+            self._clean_timer = qemu_get_aio_context().timer_new(self.clean_interval,
+                                                                 self._clean_tick)
+
+    def _clean_tick(self) -> None:
+        """Main loop: drop idle clean tables under the metadata mutex, then re-arm."""
+        if self._closed:
+            return
+
+        def co() -> CoGen:
+            yield self.mutex.lock()
+            try:
+                self._last_clean = 0.0  # due now
+                self._maybe_clean()
+            finally:
+                self.mutex.unlock()
+
+        co_start(qemu_get_aio_context(), co(), lambda ret: None)
+        self._arm_clean_timer()
 
     def _maybe_clean(self) -> None:
         if self.clean_interval <= 0:
@@ -870,9 +1122,21 @@ class Qcow2Driver(BlockDriver):
                 continue
             for c in range(start, start + n):
                 blk = yield from self._co_refblock(c)
-                if self._rc_get(blk, c & ((1 << rb) - 1)):
-                    log.warning("qcow2: %s: cluster %#x past the end of the file is in use",
-                                self.node_name, c << self.cluster_bits)
+                rc = self._rc_get(blk, c & ((1 << rb) - 1))
+                if rc:
+                    # Legitimate: clusters counted before a crash, whose data never made it
+                    # (refcount 1, at most what was in flight).  Anything else is a damaged
+                    # refcount table or block: fail rather than grow the file without end.
+                    self.leaked_past_eof += 1
+                    if rc > 1 or self.leaked_past_eof > self.max_leaked:
+                        raise _corrupt(f"{self.node_name}: refcounts past the end of the "
+                                       f"file are not free (cluster {c << self.cluster_bits:#x}"
+                                       f" has refcount {rc}): the refcount table or a refcount"
+                                       " block is damaged")
+                    if self.leaked_past_eof == 1:
+                        log.warning("qcow2: %s: cluster %#x past the end of the file is in "
+                                    "use (leaked); skipping such clusters", self.node_name,
+                                    c << self.cluster_bits)
                     self.next_free = c + 1
                     again = True
                     break

@@ -14,7 +14,8 @@ operation), so the cache never writes anything itself: ``victims()`` proposes cl
 drop when it is over capacity, and the driver writes dirty ones back when nothing clean is left.
 
 ``cache-clean-interval``: ``drop_idle(now, interval)`` forgets clean tables not used for that
-many seconds (the driver calls it on cache misses and flushes rather than from a timer).
+many seconds (the driver calls it from a main-loop timer every interval, as QEMU, under its
+metadata mutex, and on cache misses).
 
 Lookups (``peek``) may come from any AioContext without the driver's metadata mutex (a read of
 an allocated cluster never waits behind an allocation); insertion, dirtying and eviction happen

@@ -128,6 +128,14 @@ class CoMutex:
             resume(0)
         return op
 
+    def try_lock(self) -> bool:
+        """Take the mutex if nobody holds it (plain code, not a coroutine); else False."""
+        with self._lock:
+            if self._held:
+                return False
+            self._held = True
+            return True
+
     def unlock(self) -> None:
         with self._lock:
             if not self._waiters:

@@ -187,7 +187,8 @@ def parse_header(buf: bytes, file_len: int) -> Header:
         if bfo + bfs > min(cs, len(buf)):
             raise _err("Backing file name is beyond the header cluster or the file")
         try:
-            h.backing_file = buf[bfo:bfo + bfs].decode()
+            # a C string, as QEMU reads it: up to the first NUL
+            h.backing_file = buf[bfo:bfo + bfs].split(b"\0", 1)[0].decode()
         except UnicodeDecodeError:
             raise _err("Backing file name is not valid UTF-8") from None
     return h

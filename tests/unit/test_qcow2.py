@@ -526,3 +526,264 @@ def test_an_inline_backing_child_is_read_only_unless_it_says_so(q, tmp_path) -> 
     backing = blk.root.children["backing"].bs
     assert backing.read_only and backing.children["file"].bs.read_only
     assert not blk.root.read_only
+
+
+# -- batch_io: allocated clusters straight to the file, the rest per request -----------------
+def _batch(main_ctx, reqs):
+    """A Batch filled by hand, as Batch.take leaves it (no queue: nobody calls finish()).
+    reqs: (type, offset, data bytes or length).  Returns (batch, buffers)."""
+    from blocklayer.batch import T_FLUSH, UNSET, Batch
+    from vhost.ffi import ffi
+
+    b = Batch(main_ctx, ffi.NULL, lambda: None)
+    bufs = []
+    keep = []
+    for i, (t, off, data) in enumerate(reqs):
+        n = len(data) if isinstance(data, bytes) else data
+        buf = ffi.new("char[]", data if isinstance(data, bytes) else max(n, 1))
+        iov = ffi.new("struct iovec *")
+        iov.iov_base, iov.iov_len = buf, n
+        keep += [buf, iov]
+        bufs.append(buf)
+        b.types[i], b.offsets[i], b.lengths[i] = t, off, n
+        b.iovs[i], b.niovs[i] = iov, 0 if t == T_FLUSH else 1
+        b.flags[i], b.ret[i] = 0, UNSET
+    b.n = len(reqs)
+    b._serving = b._gen = 1
+    b._keep = keep  # type: ignore[attr-defined]
+    return b, bufs
+
+
+def _serve(bs, b) -> list[int]:
+    from blocklayer.batch import PENDING
+    from blocklayer.io import bdrv_batch
+
+    bdrv_batch(bs, b)
+    run_until(lambda: all(b.ret[i] != PENDING for i in range(b.n)), timeout=30)
+    return [b.ret[i] for i in range(b.n)]
+
+
+def _record(node) -> list[tuple[int, int]]:
+    """Record (index, offset) of every request the node's batch_io is given."""
+    from blocklayer.batch import UNSET
+
+    seen: list[tuple[int, int]] = []
+    orig = node.drv.batch_io
+
+    def rec(b):
+        seen.extend((i, b.offsets[i]) for i in range(b.n) if b.ret[i] == UNSET)
+        orig(b)
+
+    node.drv.batch_io = rec
+    return seen
+
+
+def _host(path: str, guest: int) -> int:
+    """The host offset QEMU maps a guest offset to (qemu-img map)."""
+    import json
+
+    for ext in json.loads(qemu_img("map", "--output=json", path).stdout):
+        if ext["start"] <= guest < ext["start"] + ext["length"] and ext.get("offset"):
+            return ext["offset"] + guest - ext["start"]
+    raise AssertionError(f"{guest:#x} not allocated")
+
+
+def test_batch_io_sends_allocated_clusters_to_the_file(q, tmp_path, main_ctx) -> None:
+    from blocklayer.batch import T_FLUSH, T_READ, T_WRITE
+
+    p = create(tmp_path / "b.qcow2", "8M")
+    qemu_io(p, "write -P 0x11 0 1M")
+    h0, h1 = _host(p, 0), _host(p, 64 * KIB)
+    blk = q(p)
+    bs = blk.root
+    seen = _record(bs.children["file"].bs)
+    b, bufs = _batch(main_ctx, [(T_READ, 4096, 4096)])
+    assert _serve(bs, b) == [0]
+    assert seen == []  # the L2 table was not cached yet: per request (which loads it)
+    b, bufs = _batch(main_ctx, [
+        (T_READ, 8192, 4096),                     # 0: allocated: the file, at its host offset
+        (T_WRITE, 64 * KIB + 512, b"\x22" * 1024),  # 1: allocated, COPIED: in place
+        (T_WRITE, 2 * MIB, b"\x33" * 4096),        # 2: unallocated: allocating, per request
+        (T_READ, 60 * KIB, 8192),                  # 3: spans two clusters: per request
+        (T_READ, 3 * MIB, 4096),                   # 4: unallocated, no backing: zeroes
+        (T_FLUSH, 0, 0),                           # 5: metadata, then the file
+    ])
+    assert _serve(bs, b) == [0] * 6
+    assert seen == [(0, h0 + 8192), (1, h1 + 512)]
+    from vhost.ffi import ffi
+    assert ffi.unpack(bufs[0], 4096) == b"\x11" * 4096
+    assert ffi.unpack(bufs[3], 8192) == b"\x11" * 8192
+    assert ffi.unpack(bufs[4], 4096) == bytes(4096)
+    assert read(blk, 64 * KIB, 2048) == b"\x11" * 512 + b"\x22" * 1024 + b"\x11" * 512
+    q.close()
+    check_clean(p)
+    qemu_io(p, "read -P 0x11 0 64k", f"read -P 0x22 {64 * KIB + 512} 1k",
+            f"read -P 0x33 {2 * MIB} 4k", f"read -P 0 {2 * MIB + 4096} 60k")
+
+
+def test_batch_io_reads_unallocated_clusters_from_the_backing_file(q, tmp_path,
+                                                                  main_ctx) -> None:
+    from blocklayer.batch import T_READ, T_WRITE
+    from vhost.ffi import ffi
+
+    base = create(tmp_path / "base.qcow2", "4M")
+    qemu_io(base, "write -P 0x41 0 4M")
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    qemu_io(top, "write -P 0x42 1M 64k")
+    blk = q(top)
+    bs = blk.root
+    bk = bs.children["backing"].bs
+    read(blk, 0, 512)
+    read(blk, MIB, 512)  # both L2 tables cached
+    top_seen, base_seen = _record(bs.children["file"].bs), _record(bk.children["file"].bs)
+    b, bufs = _batch(main_ctx, [(T_READ, 64 * KIB, 65536), (T_READ, MIB, 4096),
+                                (T_READ, 2 * MIB, 4096), (T_WRITE, 3 * MIB, b"\x43" * 512)])
+    assert _serve(bs, b) == [0] * 4
+    assert [i for i, _ in top_seen] == [1]
+    assert [i for i, _ in base_seen] == [0, 2]  # through the base's own batch_io
+    assert ffi.unpack(bufs[0], 65536) == b"\x41" * 65536
+    assert ffi.unpack(bufs[1], 4096) == b"\x42" * 4096
+    assert ffi.unpack(bufs[2], 4096) == b"\x41" * 4096
+    q.close()
+    check_clean(top)
+    qemu_io(top, f"read -P 0x43 {3 * MIB} 512", f"read -P 0x41 {3 * MIB + 512} 63k")
+
+
+def test_batch_io_never_races_an_allocating_write(q, tmp_path, main_ctx) -> None:
+    """An allocating write in flight holds its guest clusters: a batch write to one of them
+    (even one already allocated, that the allocation's range covers) waits behind it on the
+    per-request path instead of going to the file; and a cluster being allocated is never
+    written in place at a stale or missing host offset."""
+    from blocklayer.batch import T_WRITE
+
+    p = create(tmp_path / "r.qcow2", "4M", cluster_size="4K")
+    qemu_io(p, "write -P 0x51 44k 4k")  # cluster 11 allocated, 10 not
+    blk = q(p)
+    bs = blk.root
+    read(blk, 0, 512)
+    seen = _record(bs.children["file"].bs)
+    rets: list[int] = []
+    data = bytearray(b"\x52" * 4096)  # second half of cluster 10, first half of 11
+    blk_aio_pwritev(blk, 42 * KIB, IOVector.from_buffers([data]), 0, rets.append)
+    assert not rets and bs.drv.ranges.busy(10, 12)  # in flight, holding clusters 10-11
+    b, _ = _batch(main_ctx, [(T_WRITE, 40 * KIB, b"\x53" * 2048),   # the unallocated 10
+                             (T_WRITE, 47 * KIB, b"\x54" * 1024),   # allocated 11, held
+                             (T_WRITE, 8 * KIB, b"\x55" * 4096)])   # unallocated elsewhere
+    assert _serve(bs, b) == [0, 0, 0]
+    run_until(lambda: rets)
+    assert rets == [0]
+    assert seen == []  # nothing of this batch was written in place behind the allocation
+    want = b"\x53" * 2048 + b"\x52" * 4096 + b"\x51" * 1024 + b"\x54" * 1024
+    assert read(blk, 40 * KIB, 8192) == want
+    # Once allocated, the same clusters are written in place through the file.
+    b, _ = _batch(main_ctx, [(T_WRITE, 40 * KIB, b"\x56" * 512)])
+    assert _serve(bs, b) == [0]
+    assert [i for i, _ in seen] == [0]
+    q.close()
+    check_clean(p)
+    qemu_io(p, "read -P 0x56 40k 512", "read -P 0x53 40.5k 1.5k", "read -P 0x52 42k 4k",
+            "read -P 0x51 46k 1k", "read -P 0x54 47k 1k")
+
+
+def test_batch_io_random_mix_with_allocating_writes(q, tmp_path, main_ctx) -> None:
+    """Rounds of batches (reads and writes) interleaved with per-request writes in flight on
+    the same clusters (other sectors): every byte ends as the model says, the image checks
+    clean and QEMU reads the same data."""
+    from blocklayer.batch import T_READ, T_WRITE
+    from vhost.ffi import ffi
+
+    size = 2 * MIB
+    p = create(tmp_path / "m.qcow2", str(size), cluster_size="4K")
+    qemu_io(p, "write -P 0x01 0 512k")
+    blk = q(p)
+    bs = blk.root
+    model = bytearray(b"\x01" * (512 * KIB) + bytes(size - 512 * KIB))
+    rng = random.Random(7)
+    keep = []
+    for rnd in range(40):
+        free = list(range(size // 512))
+        rng.shuffle(free)
+        sectors = free[:48]  # distinct sectors this round: no two requests overlap
+        rets: list[int] = []
+        for s in sectors[:16]:  # per request (allocating where unallocated)
+            d = bytearray(bytes([rnd * 3 % 250 + 2]) * 512)
+            keep.append(d)
+            model[s * 512:(s + 1) * 512] = d
+            blk_aio_pwritev(blk, s * 512, IOVector.from_buffers([d]), 0, rets.append)
+        reqs = []
+        for k, s in enumerate(sectors[16:]):
+            if k % 3 == 0:
+                reqs.append((T_READ, s * 512, 512))
+            else:
+                d = bytes([(rnd * 7 + k) % 250 + 3]) * 512
+                model[s * 512:(s + 1) * 512] = d
+                reqs.append((T_WRITE, s * 512, d))
+        b, bufs = _batch(main_ctx, reqs)
+        assert set(_serve(bs, b)) == {0}
+        for (t, off, _), buf in zip(reqs, bufs, strict=True):
+            if t == T_READ:
+                assert ffi.unpack(buf, 512) == bytes(model[off:off + 512]), (rnd, off)
+        run_until(lambda r=rets: len(r) == 16, timeout=30)
+        assert set(rets) == {0}
+    assert read(blk, 0, size) == model
+    q.close()
+    check_clean(p)
+    out = str(tmp_path / "m.raw")
+    qemu_img("convert", "-O", "raw", p, out)
+    assert open(out, "rb").read() == model
+
+
+def test_batch_io_allocates_new_clusters_without_a_coroutine(q, tmp_path, main_ctx) -> None:
+    """A write inside one unallocated cluster whose old contents read as zeroes is allocated
+    in batch_io itself (counted, then mapped) and written through the file; one whose old
+    contents come from the backing file, or while the metadata mutex is held, takes the
+    per-request path (COW, or waiting its turn)."""
+    from blocklayer.batch import PENDING, T_WRITE
+    from blocklayer.io import bdrv_batch
+
+    base = create(tmp_path / "base.qcow2", "2M", cluster_size="4K")
+    qemu_io(base, "write -P 0x61 0 2M")
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4K", "-b", "base.qcow2",
+             "-F", "qcow2", top, "4M")
+    blk = q(top)
+    bs = blk.root
+    write(blk, 3 * MIB, b"\x01" * 4096)  # per request: the L2 table and refcount block
+    seen = _record(bs.children["file"].bs)
+    before = bs.drv.next_free
+    b, _ = _batch(main_ctx, [(T_WRITE, 3 * MIB + 4096 + 512, b"\x62" * 1024),  # above 2M
+                             (T_WRITE, 3 * MIB + 8192, b"\x63" * 4096),
+                             (T_WRITE, 3 * MIB + 4096 + 2048, b"\x64" * 512),  # same cluster
+                             (T_WRITE, 4096 + 512, b"\x65" * 512)])  # COW from the base
+    assert _serve(bs, b) == [0, 0, 0, 0]
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert bs.drv.next_free >= before + 3
+    # The mutex held (a write-back, say): allocations wait on the per-request path.
+    assert bs.drv.mutex.try_lock()
+    seen.clear()
+    b, _ = _batch(main_ctx, [(T_WRITE, 3 * MIB + 5 * 4096, b"\x66" * 4096)])
+    bdrv_batch(bs, b)
+    assert b.ret[0] == PENDING and seen == []
+    bs.drv.mutex.unlock()
+    run_until(lambda: b.ret[0] != PENDING)
+    assert b.ret[0] == 0
+    flush(blk)
+    q.close()
+    check_clean(top)
+    qemu_io(top, f"read -P 0 {3 * MIB + 4096} 512", f"read -P 0x62 {3 * MIB + 4608} 1k",
+            f"read -P 0 {3 * MIB + 5632} 512", f"read -P 0x64 {3 * MIB + 6144} 512",
+            f"read -P 0x63 {3 * MIB + 8192} 4k", f"read -P 0x66 {3 * MIB + 20480} 4k",
+            "read -P 0x61 4096 512", "read -P 0x65 4608 512", "read -P 0x61 5120 3k")
+
+
+def test_cache_clean_interval_drops_idle_tables_on_a_timer(q, tmp_path) -> None:
+    p = create(tmp_path / "t.qcow2", "8M")
+    qemu_io(p, "write -P 7 0 64k")
+    blk = q(p, **{"cache-clean-interval": 1})
+    assert read(blk, 0, 512) == b"\x07" * 512
+    drv = blk.root.drv
+    assert drv.l2_cache.tables  # the L2 table is cached
+    run_until(lambda: not drv.l2_cache.tables, timeout=5)  # idle for 1 s: dropped
+    assert read(blk, 0, 512) == b"\x07" * 512  # and read again when needed
+    assert drv.l2_cache.tables
