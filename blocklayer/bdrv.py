@@ -269,6 +269,17 @@ def bdrv_refresh_limits(bs: BlockDriverState) -> None:
     bs.request_alignment, bs.mem_alignment = req, mem
 
 
+def bdrv_refresh_above(bs: BlockDriverState) -> None:
+    """Main thread, after the graph changed at ``bs``: the alignments of ``bs`` and of every
+    node above it, then what the C request path of each BlockBackend above may serve."""
+    bdrv_refresh_limits(bs)
+    for p in list(bs.parents):
+        if isinstance(p, BdrvChild):
+            bdrv_refresh_above(p.parent)
+        elif hasattr(p, "update_c_state"):
+            p.update_c_state()
+
+
 _drivers: dict[str, type[BlockDriver]] = {}
 _nodes: dict[str, BlockDriverState] = {}
 

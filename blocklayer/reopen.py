@@ -29,10 +29,10 @@ from blocklayer.bdrv import (
     bdrv_drained_begin,
     bdrv_drained_end,
     bdrv_find_node,
-    bdrv_refresh_limits,
+    bdrv_refresh_above,
 )
 from blocklayer.blockdev import convert_options
-from blocklayer.graph import BdrvChild, bdrv_is_below, bdrv_replace_child
+from blocklayer.graph import bdrv_is_below, bdrv_replace_child
 from blocklayer.qapi import KeyvalError, to_str
 
 Plan = tuple[BlockDriverState, dict[str, BlockDriverState]]
@@ -71,16 +71,6 @@ def _check(tree: dict[str, Any]) -> Plan:
     return bs, new_children
 
 
-def _refresh_above(bs: BlockDriverState) -> None:
-    """Alignments of ``bs`` and the nodes above it; the C state of the BlockBackends there."""
-    bdrv_refresh_limits(bs)
-    for p in list(bs.parents):
-        if isinstance(p, BdrvChild):
-            _refresh_above(p.parent)
-        elif hasattr(p, "update_c_state"):
-            p.update_c_state()
-
-
 def bdrv_reopen_multiple(entries: list[dict[str, Any]],
                          then: Callable[[Exception | None], None]) -> None:
     """Check every entry, then reopen the nodes one after the other, each drained while its
@@ -107,7 +97,7 @@ def bdrv_reopen_multiple(entries: list[dict[str, Any]],
             try:
                 for role, child in new_children.items():
                     bdrv_replace_child(bs.children[role], child)
-                _refresh_above(bs)
+                bdrv_refresh_above(bs)
             except PermissionError as e:
                 err = e
             finally:

@@ -48,7 +48,7 @@ from blocklayer.bdrv import (
     bdrv_drain_poll,
     bdrv_drained_begin,
     bdrv_drained_end,
-    bdrv_refresh_limits,
+    bdrv_refresh_above,
     bdrv_unref,
 )
 from blocklayer.graph import (
@@ -73,16 +73,6 @@ def _backends_above(bs: BlockDriverState, out: list[Any]) -> list[Any]:
         elif p not in out:
             out.append(p)
     return out
-
-
-def _refresh_above(bs: BlockDriverState) -> None:
-    """Alignments of ``bs`` and the nodes above it; the C state of the BlockBackends there."""
-    bdrv_refresh_limits(bs)
-    for p in list(bs.parents):
-        if isinstance(p, BdrvChild):
-            _refresh_above(p.parent)
-        elif hasattr(p, "update_c_state"):
-            p.update_c_state()
 
 
 def _busy(bs: BlockDriverState) -> None:
@@ -167,7 +157,7 @@ def bdrv_append(overlay: BlockDriverState, node: BlockDriverState) -> None:
         except PermissionError:
             pass
         raise
-    _refresh_above(overlay)
+    bdrv_refresh_above(overlay)
 
 
 def _make_read_only(bs: BlockDriverState) -> None:
