@@ -121,6 +121,18 @@ class BlockDriver:
         """Make a range read as zeroes; BDRV_REQ_MAY_UNMAP allows deallocating it."""
         cb(-errno.ENOTSUP)
 
+    def aio_is_allocated(self, ctx: AioContext, offset: int, nbytes: int,
+                         cb: Callable[[int, int], None]) -> None:
+        """QEMU's bdrv_is_allocated: whether the bytes from ``offset`` are this node's own —
+        their contents decided by this node (data, or zeroes it records) rather than read from
+        its backing chain.  ``cb(ret, n)``: ``ret`` 1 (allocated) or 0 (not) holds for the
+        first ``n`` bytes, ``0 < n <= nbytes`` (the rest may differ: ask again); ``n`` is 0
+        only at or past the end of the node; or ``ret`` < 0 (an errno, ``n`` 0).  Called in
+        ``ctx``; ``cb`` runs there, possibly before this returns.  Filters pass the question
+        to their child (``blocklayer/drivers/copy_on_read.py``: ``bdrv_aio_is_allocated``).
+        Default, for drivers without a backing chain: everything is allocated."""
+        cb(1, nbytes)
+
     def fast_path_info(self) -> FastPathInfo:
         """Whether and how the C request path may serve this node (see FastPathInfo).  A
         driver that says nothing is served in Python, so a new driver is always correct."""

@@ -20,6 +20,8 @@ entry is unallocated (read from the backing node, or zeroes), a zero cluster, a 
 compressed cluster (zlib or zstd, ``blocklayer/qcow2/compress.py``).  With extended L2 entries
 (128 bits) each of a cluster's 32 subclusters has its own allocated/zero bits; reads follow them,
 and a write to a cluster whose subclusters are not all allocated rewrites the whole cluster.
+``aio_is_allocated`` (QEMU's bdrv_is_allocated, which the copy-on-read filter asks) answers
+from the same lookups: every kind but unallocated is this image's own.
 
 **Requests** are generator coroutines (``blocklayer/qcow2/co.py``) running in the caller's
 AioContext; all I/O goes through ``blocklayer/io.py`` on the child nodes.  A read of mapped data
@@ -81,7 +83,7 @@ import errno
 import os
 import struct
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from blocklayer.aio import AioContext, current_aio_context, qemu_get_aio_context
@@ -450,6 +452,43 @@ class Qcow2Driver(BlockDriver):
 
     def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
         co_start(ctx, self._co_zero(offset, nbytes, 0, discard=True), cb)
+
+    @property
+    def cluster_size(self) -> int:
+        """QEMU's BlockDriverInfo.cluster_size: the allocation unit (copy-on-read copies
+        whole clusters, as QEMU's bdrv_round_to_subclusters)."""
+        return self.cs
+
+    def aio_is_allocated(self, ctx: AioContext, offset: int, nbytes: int,
+                         cb: Callable[[int, int], None]) -> None:
+        """QEMU's bdrv_is_allocated (BlockDriver.aio_is_allocated): normal, compressed and
+        zero clusters (subclusters with extended L2) are this image's; unallocated ones are
+        read from the backing chain (or are zeroes without one) and are not.  Lock-free when
+        the L2 tables are cached (``cb`` then runs before this returns); a miss reads the
+        table under the metadata mutex, as a read does."""
+        out = [0, 0]
+
+        def co() -> CoGen:
+            out[0], out[1] = yield from self._co_is_allocated(offset, nbytes)
+
+        co_start(ctx, co(), lambda ret: cb(ret, 0) if ret < 0 else cb(out[0], out[1]))
+
+    def _co_is_allocated(self, offset: int, nbytes: int) -> CoGen:
+        """(1 or 0, n): the first n bytes from ``offset`` are all allocated here or all not;
+        n is as long as the mapping allows (several L2 tables if need be), up to ``nbytes``
+        and the image's end (n 0 at or past it)."""
+        end = min(offset + nbytes, self.size)
+        pos = offset
+        first: bool | None = None
+        while pos < end:
+            kind, _host, _e, run = yield from self._co_map(pos, end - pos)
+            alloc = kind != UNALLOC
+            if first is None:
+                first = alloc
+            elif alloc != first:
+                break
+            pos += run
+        return (1 if first else 0), pos - offset
 
     def batch_io(self, b: Batch) -> None:
         """The common case without one Python coroutine per request.  In ``b.ctx``.
