@@ -5,7 +5,8 @@ Theory of operation
 QEMU runs each I/O thread's work in an AioContext: fd handlers plus bottom halves (BHs), callables
 queued to run soon in that context.  We keep the same shape:
 
-* ``set_fd_handler(fd, handler)`` registers a read handler; it must be called from the context's
+* ``set_fd_handler(fd, handler, write_handler=None)`` registers a read handler and, optionally,
+  a write handler (run while fd is writable: EPOLLOUT); it must be called from the context's
   home thread (to act on another context, schedule a BH into it).
 * ``schedule(fn, *args)`` queues a BH.  It is the *only* thing other threads may do to a context
   (trio's ``run_sync_soon`` / QEMU's ``aio_bh_schedule_oneshot``): one locked deque and one
@@ -31,6 +32,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +42,12 @@ from vhost.ffi import check_errno, ffi, lib
 
 _tls = threading.local()
 _MAX_TOKENS = 128
+_TOKEN_C = lib.PYVU_TOKEN_C
+_TOKEN_FD_MASK = lib.PYVU_TOKEN_FD_MASK
+_TOKEN_EVENTS_SHIFT = lib.PYVU_TOKEN_EVENTS_SHIFT
+#: epoll events that call a read handler / a write handler (an error or hang-up calls both)
+_READ_EVENTS = select.EPOLLIN | select.EPOLLPRI | select.EPOLLERR | select.EPOLLHUP
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 #: adaptive polling window before sleeping, as qemu-storage-daemon's iothreads (poll-max-ns)
 DEFAULT_POLL_MAX_NS = 32768
 log = logging.getLogger("pyvhost_blk.aio")
@@ -72,7 +80,9 @@ class AioContext:
         check_errno(lib.pyvu_poller_init(self._poller), "epoll_create1")
         self._poller.poll_ns = DEFAULT_POLL_MAX_NS
         self._tokens = ffi.new("uint64_t[]", _MAX_TOKENS)
-        self._handlers: dict[int, Callable[[], None]] = {}
+        self._handlers: dict[int, Callable[[], None]] = {}  # read handlers, C tokens
+        self._writers: dict[int, Callable[[], None]] = {}   # write handlers
+        self._fd_events: dict[int, int] = {}                # epoll events of each Python fd
         self._bh: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
         self._bh_lock = threading.Lock()
         # Filled by signal handlers, which may interrupt this thread while it holds _bh_lock:
@@ -90,17 +100,34 @@ class AioContext:
         self._timer_seq = itertools.count()
 
     # -- fd handlers (home thread only) ---------------------------------------------------------
-    def set_fd_handler(self, fd: int, handler: Callable[[], None] | None) -> None:
-        """Register (or with None, remove) a read handler for fd.  Home thread only."""
+    def set_fd_handler(self, fd: int, handler: Callable[[], None] | None,
+                       write_handler: Callable[[], None] | None = None) -> None:
+        """Register the read handler and the write handler of fd (None: none); with neither,
+        stop watching fd.  The write handler runs while fd is writable (EPOLLOUT), so set it
+        only while there is something to write.  An error or hang-up runs both.  Home thread
+        only."""
+        events = ((select.EPOLLIN if handler is not None else 0)
+                  | (select.EPOLLOUT if write_handler is not None else 0))
+        old = self._fd_events.get(fd, 0)
         if handler is None:
-            if self._handlers.pop(fd, None) is not None:
-                lib.pyvu_poller_del(self._poller, fd)  # fails harmlessly if already closed
-            return
-        if fd in self._handlers:
+            self._handlers.pop(fd, None)
+        else:
             self._handlers[fd] = handler
+        if write_handler is None:
+            self._writers.pop(fd, None)
+        else:
+            self._writers[fd] = write_handler
+        if events == old:
             return
-        self._handlers[fd] = handler
-        check_errno(lib.pyvu_poller_add_py(self._poller, fd), "epoll_ctl")
+        if not events:
+            del self._fd_events[fd]
+            lib.pyvu_poller_del(self._poller, fd)  # fails harmlessly if already closed
+            return
+        if old:
+            check_errno(lib.pyvu_poller_mod_py(self._poller, fd, events), "epoll_ctl")
+        else:
+            check_errno(lib.pyvu_poller_add_py_events(self._poller, fd, events), "epoll_ctl")
+        self._fd_events[fd] = events
 
     def add_c_handler(self, fd: int, chandler: Any, token: int,
                       python_work: Callable[[], None]) -> None:
@@ -208,14 +235,27 @@ class AioContext:
         self.iterations += 1
         tokens = self._tokens
         for i in range(max(n, 0)):  # n < 0: EINTR (signal handlers have run by now)
-            fd = tokens[i]
-            if fd == self._wake_fd:
-                try:
-                    os.eventfd_read(self._wake_fd)
-                except BlockingIOError:
-                    pass
-                continue
-            handler = self._handlers.get(fd)
+            token = tokens[i]
+            if not token & _TOKEN_C:
+                # a Python fd, with the epoll events that fired above its number
+                fd, events = token & _TOKEN_FD_MASK, token >> _TOKEN_EVENTS_SHIFT
+                if fd == self._wake_fd:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                    continue
+                writer = self._writers.get(fd)
+                if writer is not None and events & _WRITE_EVENTS:
+                    try:
+                        writer()
+                    except Exception:
+                        log.exception("unhandled exception in fd write handler %r", writer)
+                    progress = True
+                    if not events & _READ_EVENTS or fd not in self._handlers:
+                        continue
+                token = fd
+            handler = self._handlers.get(token)
             if handler is not None:
                 try:
                     handler()
@@ -244,11 +284,19 @@ class AioContext:
     def set_poll_max_ns(self, ns: int) -> None:
         """How long to keep polling for events before sleeping (0: never poll)."""
         self._poller.poll_ns = ns
+        if self._poller.cur_poll_ns > ns:
+            self._poller.cur_poll_ns = ns
 
     @property
     def poll_stats(self) -> dict[str, int]:
-        return {"poll-max-ns": self._poller.poll_ns, "polls": self._poller.polls,
-                "poll-hits": self._poller.poll_hits}
+        """The polling policy's counters (``vhost/csrc/poller.c``): polls, polls that found
+        work (hits) and that ran out (misses), the current window and the time spent polling.
+        Read from any thread (plain counters: a snapshot may be a few events old)."""
+        p = self._poller
+        return {"poll-max-ns": p.poll_ns, "poll-ns": p.cur_poll_ns, "polls": p.polls,
+                "poll-hits": p.poll_hits, "poll-misses": p.poll_misses,
+                "poll-time-ns": p.poll_spin_ns, "poll-grows": p.poll_grows,
+                "poll-shrinks": p.poll_shrinks}
 
     def in_home_thread(self) -> bool:
         return self.home_thread is None or self.home_thread == threading.get_ident()

@@ -301,7 +301,9 @@ class Daemon:
         return {
             "pid": os.getpid(),
             "exports": exports,
-            "iothreads": {k: {"requests": n} for k, n in iothreads.items()},
+            "iothreads": {k: {"requests": n, **self.iothreads[k].ctx.poll_stats}
+                          for k, n in iothreads.items()},
+            "main-loop": qemu_get_aio_context().poll_stats,
             "nodes": [bs.to_dict() for bs in bdrv_nodes()],
         }
 

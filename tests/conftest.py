@@ -13,12 +13,12 @@ from tests.ceph_cluster import CephCluster, CephError
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     """A one-node Ceph cluster (tests/ceph_cluster.py), started on first use."""
+    from blocklayer.ceph import CephUnavailable, load
+
     try:
-        import rados  # noqa: F401
-        import rbd  # noqa: F401
-    except ImportError:
-        pytest.fail("librbd's Python binding is missing: 'apt-get install python3-rbd "
-                    "python3-rados' (the venv must see system site-packages)")
+        load()  # librados/librbd, as the rbd driver loads them
+    except CephUnavailable as e:
+        pytest.fail(str(e))
     cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
     try:
         cluster.start()

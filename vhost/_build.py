@@ -166,10 +166,21 @@ void pyvu_set_waiters(int n);
 
 /* csrc/poller.c */
 struct pyvu_chandler { int type; void *obj; };
-struct pyvu_poller { int epfd; uint64_t poll_ns; uint64_t polls, poll_hits; ...; };
+struct pyvu_poller {
+    int epfd;
+    uint64_t poll_ns;
+    uint64_t cur_poll_ns;
+    uint64_t polls, poll_hits, poll_misses;
+    uint64_t poll_spin_ns;
+    uint64_t poll_grows, poll_shrinks;
+    int mode;
+    ...;
+};
 int pyvu_poller_init(struct pyvu_poller *p);
 void pyvu_poller_close(struct pyvu_poller *p);
 int pyvu_poller_add_py(struct pyvu_poller *p, int fd);
+int pyvu_poller_add_py_events(struct pyvu_poller *p, int fd, uint32_t events);
+int pyvu_poller_mod_py(struct pyvu_poller *p, int fd, uint32_t events);
 int pyvu_poller_add_c(struct pyvu_poller *p, int fd, struct pyvu_chandler *h);
 int pyvu_poller_del(struct pyvu_poller *p, int fd);
 int pyvu_poller_wait(struct pyvu_poller *p, int timeout_ms, uint64_t *out, int max);
@@ -215,6 +226,13 @@ int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **handles, ui
                       int *ret, int n);
 void pyvu_fastq_python_done(struct pyvu_fastq *q, int n);
 
+/* csrc/rbd_engine.c */
+struct pyvu_rbd { struct pyvu_chandler h; int efd; int64_t inflight; ...; };
+int pyvu_rbd_init(struct pyvu_rbd *e, int efd, void *image, const struct pyvu_rbd_fns *f);
+void pyvu_rbd_destroy(struct pyvu_rbd *e);
+int pyvu_fastq_submit_rbd(struct pyvu_fastq *q, struct pyvu_rbd *e, void **handles,
+                          uint64_t *offset, int *ret, int n);
+
 extern "Python" uint64_t pyvu_cb_get_features(VuDev *);
 extern "Python" void pyvu_cb_set_features(VuDev *, uint64_t);
 extern "Python" uint64_t pyvu_cb_get_protocol_features(VuDev *);
@@ -245,6 +263,7 @@ C_SOURCES = (
     "linux_aio.c",          # Linux AIO engine (aio=native)
     "poller.c",             # an AioContext's epoll set, C handlers, tokens for Python
     "virtio_blk_queue.c",   # the per-queue pop loop, parsing, batch hand-off, Python's side
+    "rbd_engine.c",         # librbd engine: batched requests straight to librbd's aio calls
 )
 
 

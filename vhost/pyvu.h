@@ -11,9 +11,22 @@
 #define PYVU_H
 
 #include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
 
-/* Poller tokens: a Python fd (a small number) or this bit | a C object's address. */
+/* Poller tokens: a Python fd (a small number; the epoll events that fired are in the bits from
+ * PYVU_TOKEN_EVENTS_SHIFT up, under PYVU_TOKEN_FD_MASK the fd) or this bit | a C object's
+ * address. */
 #define PYVU_TOKEN_C 0x8000000000000000
+#define PYVU_TOKEN_EVENTS_SHIFT 32
+#define PYVU_TOKEN_FD_MASK 0xffffffff
+
+/* How an AioContext polls before sleeping (struct pyvu_poller.mode, vhost/csrc/poller.c):
+ * look at the queues' avail rings and the engines' completion rings in memory instead of
+ * calling epoll_wait(0) (the default); turn the polled queues' guest notifications off while
+ * polling (measured slower, off by default). */
+#define PYVU_POLL_MEM 1
+#define PYVU_POLL_NOTIFY_OFF 2
 
 /* What the C request path can serve (BlockBackend.update_c_state sets blkstate.driver). */
 #define DRV_NONE 0          /* nothing: every request goes to Python */
@@ -88,6 +101,20 @@ struct pyvu_blkstate {
     int read_zeroes;            /* null-co */
     int no_flush;
     uint32_t lbs;               /* logical block size */
+};
+
+/* librbd's asynchronous C API, as pointers the rbd driver fills in (blocklayer/ceph.py loads
+ * librbd with cffi at run time; the extension does not link it): rbd_aio_create_completion,
+ * rbd_aio_get_return_value, rbd_aio_release, rbd_aio_readv, rbd_aio_writev, rbd_aio_flush.
+ * The C engine is vhost/csrc/rbd_engine.c. */
+typedef void (*pyvu_rbd_cb_t)(void *c, void *arg);
+struct pyvu_rbd_fns {
+    int (*create_completion)(void *arg, pyvu_rbd_cb_t cb, void **c);
+    ssize_t (*get_return_value)(void *c);
+    void (*release)(void *c);
+    int (*readv)(void *image, const struct iovec *iov, int iovcnt, uint64_t off, void *c);
+    int (*writev)(void *image, const struct iovec *iov, int iovcnt, uint64_t off, void *c);
+    int (*flush)(void *image, void *c);
 };
 
 #endif

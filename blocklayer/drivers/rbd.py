@@ -5,8 +5,8 @@ the snapshot, read-only), ``conf`` (a ceph.conf; default: librados' search path)
 (the client id, ``admin`` for ``client.admin``; default librados'), ``key-secret`` (refused:
 there are no QEMU secret objects here, put the key in a keyring that ``conf`` names), plus the
 common ``read-only``, ``auto-read-only`` and ``cache.direct`` (``rbd_cache=false``, as QEMU).
-The client library is Debian's ``python3-rbd``/``python3-rados`` (librbd1/librados2), imported
-when a node is opened so that the other drivers load without it.
+The client libraries are Debian's librbd1/librados2, called through their C API
+(``blocklayer/ceph.py``, loaded when a node is opened so the other drivers load without them).
 
 Theory of operation
 -------------------
@@ -14,25 +14,26 @@ Open (main thread) connects to the cluster (``rados_connect``, bounded by
 ``CONNECT_TIMEOUT``), opens the pool's I/O context (and namespace) and the image.  These are
 blocking calls and happen only at open, resize and close, as in QEMU.
 
-I/O uses librbd's asynchronous calls (``aio_read``/``aio_write``/``aio_flush``/
-``aio_discard``/``aio_write_zeroes``).  librbd runs their completion callbacks on its own
-finisher threads; a callback does what needs no context (copying read data into the
-request's buffer, which stays valid until ``cb`` runs) and then hands ``cb(ret)`` to the
-caller's AioContext with ``ctx.schedule`` — the one thing another thread may do to a context,
-as ``blocklayer/thread_pool.py`` does for its workers.  librbd keeps the request and retries it
-itself when an OSD goes away and comes back, so an OSD restart is a stall, not an error.
-
-The Python binding copies: a read returns a new ``bytes`` (copied into guest memory with one C
-call), a write takes ``bytes`` (gathered from guest memory with one C call).
+Reads, writes and flushes arrive in batches (``batch_io``) and go straight to the C librbd
+engine of the queue's AioContext (``vhost/csrc/rbd_engine.c``): ``rbd_aio_readv``/
+``rbd_aio_writev`` on the guest's own buffers (no copy), completed in C on the context's
+loop, FUA as write + flush — the way requests on a file reach io_uring.  The rare requests
+that do not come in batches (discard, write-zeroes, the virtio handler's, the error policy's
+retries) run librbd's blocking calls in a thread pool of the node's own.  librbd keeps a
+request and retries it itself when an OSD goes away and comes back, so an OSD restart is a
+stall, not an error.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 from blocklayer.aio import AioContext
+from blocklayer.batch import Batch
 from blocklayer.bdrv import (
     BDRV_REQ_FUA,
     BlockDriver,
@@ -41,35 +42,18 @@ from blocklayer.bdrv import (
     Completion,
     bdrv_register,
 )
+from blocklayer.ceph import ENGINE_FUNCTIONS, CephUnavailable, check, load
 from blocklayer.iov import IOVector
 from blocklayer.qapi import to_str
+from blocklayer.thread_pool import ThreadPool
 from vhost.ffi import ffi, lib
 
 log = logging.getLogger("pyvhost_blk.rbd")
 
 #: seconds rados_connect may take (librados' default, client_mount_timeout, is 300)
 CONNECT_TIMEOUT = 30
-#: largest discard / write-zeroes per librbd call (librbd takes 64-bit lengths; this bounds
-#: the work behind a single completion)
+#: largest discard / write-zeroes per librbd call (bounds the work behind one call)
 MAX_EFFECT_LEN = 1 << 30
-
-
-def _import_rbd() -> tuple[Any, Any]:
-    """Any thread: the librados and librbd bindings, or one line saying how to install."""
-    try:
-        import rados
-        import rbd
-    except ImportError:
-        raise BlockDriverError(
-            "driver 'rbd' needs librbd's Python binding (modules 'rados' and 'rbd'): "
-            "install the Debian packages python3-rbd and python3-rados") from None
-    return rados, rbd
-
-
-def _errno_of(e: BaseException) -> int:
-    """A positive errno from a rados/rbd exception (they carry it as ``errno``)."""
-    n = getattr(e, "errno", None)
-    return abs(n) if isinstance(n, int) and n else errno.EIO
 
 
 @bdrv_register
@@ -88,7 +72,10 @@ class RbdDriver(BlockDriver):
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         """Main thread: connect, open the image (blocking; one line on failure)."""
         super().__init__(node_name, opts)
-        self.rados, self.rbd = _import_rbd()
+        try:
+            self.cffi, self.librados, self.librbd = load()
+        except CephUnavailable as e:
+            raise BlockDriverError(str(e)) from None
         for name in ("pool", "image"):
             if name not in opts:
                 raise BlockDriverError(f"Parameter '{name}' is missing")
@@ -108,38 +95,58 @@ class RbdDriver(BlockDriver):
         ns = f"{self.namespace}/" if self.namespace else ""
         snap = f"@{self.snapshot}" if self.snapshot else ""
         self.filename = f"rbd:{self.pool}/{ns}{self.image_name}{snap}"
-        conf = opts.get("conf")
         self.cluster: Any = None
         self.ioctx: Any = None
         self.image: Any = None
-        rados, rbd = self.rados, self.rbd
+        self._engines: dict[AioContext, tuple[Any, int, int, Any]] = {}
+        self._pool = ThreadPool(16)
+        c, rados, rbd = self.cffi, self.librados, self.librbd
         try:
-            kw: dict[str, Any] = {"conf": {
-                "rbd_cache": "false" if opts.get("cache.direct") else "true"}}
-            kw["conffile"] = conf or ""  # "": librados' default search path
-            if "user" in opts:
-                kw["rados_id"] = opts["user"]
-            self.cluster = rados.Rados(**kw)
-            self.cluster.connect(timeout=CONNECT_TIMEOUT)
-        except (rados.Error, rbd.Error) as e:
+            cluster = c.new("rados_t *")
+            check(rados.rados_create(cluster, opts["user"].encode() if "user" in opts
+                                     else c.NULL), "rados_create")
+            self.cluster = cluster[0]
+            conf = opts.get("conf")
+            check(rados.rados_conf_read_file(self.cluster, conf.encode() if conf else c.NULL),
+                  f"reading {conf or 'the default ceph.conf'}")
+            for key, value in (("rbd_cache", "false" if opts.get("cache.direct") else "true"),
+                               ("client_mount_timeout", str(CONNECT_TIMEOUT))):
+                check(rados.rados_conf_set(self.cluster, key.encode(), value.encode()), key)
+            check(rados.rados_connect(self.cluster), "rados_connect")
+        except OSError as e:
             self._close_all()
             raise BlockDriverError(f"error connecting to the Ceph cluster: {e}") from None
         try:
-            self.ioctx = self.cluster.open_ioctx(self.pool)
+            ioctx = c.new("rados_ioctx_t *")
+            check(rados.rados_ioctx_create(self.cluster, self.pool.encode(), ioctx),
+                  "rados_ioctx_create")
+            self.ioctx = ioctx[0]
             if self.namespace:
-                self.ioctx.set_namespace(self.namespace)
-            self.image = rbd.Image(self.ioctx, self.image_name, snapshot=self.snapshot,
-                                   read_only=self.read_only)
-            self.size: int = self.image.size()
-        except (rados.ObjectNotFound, rbd.ImageNotFound):
+                rados.rados_ioctx_set_namespace(self.ioctx, self.namespace.encode())
+            image = c.new("rbd_image_t *")
+            opener = rbd.rbd_open_read_only if self.read_only else rbd.rbd_open
+            check(opener(self.ioctx, self.image_name.encode(), image,
+                         self.snapshot.encode() if self.snapshot else c.NULL), "rbd_open")
+            self.image = image[0]
+            self.size: int = self._get_size()
+        except OSError as e:
             self._close_all()
-            raise BlockDriverError(
-                f"error opening image '{self.image_name}' in pool '{self.pool}'"
-                f"{f' namespace {self.namespace!r}' if self.namespace else ''}: "
-                "No such file or directory") from None
-        except (rados.Error, rbd.Error) as e:
-            self._close_all()
+            if e.errno == errno.ENOENT:
+                raise BlockDriverError(
+                    f"error opening image '{self.image_name}' in pool '{self.pool}'"
+                    f"{f' namespace {self.namespace!r}' if self.namespace else ''}: "
+                    "No such file or directory") from None
             raise BlockDriverError(f"error opening image '{self.filename}': {e}") from None
+        fns = ffi.new("struct pyvu_rbd_fns *")
+        for field, name in ENGINE_FUNCTIONS:  # librbd's entry points, for the C engine
+            addr = int(c.cast("uintptr_t", c.addressof(rbd, name)))
+            setattr(fns, field, ffi.cast(ffi.typeof(getattr(fns, field)), addr))
+        self._fns = fns
+
+    def _get_size(self) -> int:
+        size = self.cffi.new("uint64_t *")
+        check(self.librbd.rbd_get_size(self.image, size), "rbd_get_size")
+        return int(size[0])
 
     def attach(self, bs: BlockDriverState) -> None:
         super().attach(bs)
@@ -156,105 +163,124 @@ class RbdDriver(BlockDriver):
     def limits(self) -> tuple[int, int]:
         return 512, 1
 
-    # -- I/O: submitted in the caller's context, completed on a librbd thread ----------------
+    # -- batches: the C engine of the queue's context --------------------------------------
+    def _engine(self, ctx: AioContext) -> Any:
+        """The context's librbd engine for this image (created on first use).  In ctx."""
+        got = self._engines.get(ctx)
+        if got is None:
+            e = ffi.new("struct pyvu_rbd *")
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            check(lib.pyvu_rbd_init(e, efd, ffi.cast("void *", int(
+                self.cffi.cast("uintptr_t", self.image))), self._fns), "rbd engine")
+            token = lib.PYVU_TOKEN_C | int(ffi.cast("uintptr_t", e))
+            # completions report the queues they finish, never this token
+            ctx.add_c_handler(efd, ffi.addressof(e.h), token, lambda: None)
+            got = self._engines[ctx] = (e, efd, token, ctx)
+        return got[0]
+
+    def batch_io(self, b: Batch) -> None:
+        """Reads, writes and flushes to librbd straight from guest memory.  In ``b.ctx``."""
+        lib.pyvu_fastq_submit_rbd(b.cq, self._engine(b.ctx), b.handles, b.offsets, b.ret, b.n)
+
+    # -- single requests: librbd's blocking calls in the node's threads ------------------------
+    def _run(self, ctx: AioContext, fn: Callable[[], int], cb: Completion) -> None:
+        def call() -> int:
+            try:
+                return fn()
+            except OSError as e:
+                return -(e.errno or errno.EIO)
+        self._pool.submit(ctx, call, cb)
+
+    def _ptr(self, addr: Any) -> Any:
+        return self.cffi.cast("char *", int(ffi.cast("uintptr_t", addr)))
+
     def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
-        size = qiov.size
-
-        def done(comp: Any, data: bytes | None) -> None:
-            # librbd finisher thread: the guest buffer is valid until cb runs in ctx.
-            ret = comp.get_return_value()
-            if ret >= 0 and data is not None:
-                n = len(data)
-                lib.pyvu_iov_from_buf(qiov.iov, qiov.niov, ffi.from_buffer(data), n)
-                if n < size:
-                    qiov.memset(0, n)  # past the end reads as zeroes
-                ret = 0
-            ctx.schedule(cb, ret if ret < 0 else 0)
-
-        self._call(ctx, cb, self.image.aio_read, offset, size, done)
+        def read() -> int:
+            pos = offset
+            for k in range(qiov.niov):
+                v = qiov.iov[k]
+                n = check(self.librbd.rbd_read(self.image, pos, v.iov_len,
+                                               self._ptr(v.iov_base)), "rbd_read")
+                if n < v.iov_len:  # past the end reads as zeroes
+                    ffi.memmove(ffi.cast("char *", v.iov_base) + n, bytes(v.iov_len - n),
+                                v.iov_len - n)
+                pos += v.iov_len
+            return 0
+        self._run(ctx, read, cb)
 
     def aio_pwritev(
         self, ctx: AioContext, offset: int, qiov: IOVector, flags: int, cb: Completion
     ) -> None:
-        if flags & BDRV_REQ_FUA:
-            cb = self._then_flush(ctx, cb)  # librbd has no FUA: write, then flush
-        data = bytearray(qiov.size)
-        lib.pyvu_iov_to_buf(qiov.iov, qiov.niov, ffi.from_buffer(data), qiov.size)
-        self._call(ctx, cb, self.image.aio_write, bytes(data), offset, self._done(ctx, cb))
+        def write() -> int:
+            pos = offset
+            for k in range(qiov.niov):
+                v = qiov.iov[k]
+                check(self.librbd.rbd_write(self.image, pos, v.iov_len, self._ptr(v.iov_base)),
+                      "rbd_write")
+                pos += v.iov_len
+            if flags & BDRV_REQ_FUA:  # librbd has no FUA: write, then flush
+                check(self.librbd.rbd_flush(self.image), "rbd_flush")
+            return 0
+        self._run(ctx, write, cb)
 
     def aio_flush(self, ctx: AioContext, cb: Completion) -> None:
-        self._call(ctx, cb, self.image.aio_flush, self._done(ctx, cb))
+        self._run(ctx, lambda: check(self.librbd.rbd_flush(self.image), "rbd_flush"), cb)
 
     def aio_pdiscard(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion) -> None:
-        self._ranges(ctx, offset, nbytes, cb, self.image.aio_discard)
+        self._run(ctx, lambda: self._ranges(offset, nbytes, self.librbd.rbd_discard), cb)
 
     def aio_pwrite_zeroes(
         self, ctx: AioContext, offset: int, nbytes: int, flags: int, cb: Completion
     ) -> None:
         # librbd zeroes by deallocating where it can, whatever MAY_UNMAP says (QEMU does the
         # same); a thin image reads zeroes either way.
-        if flags & BDRV_REQ_FUA:
-            cb = self._then_flush(ctx, cb)
-        self._ranges(ctx, offset, nbytes, cb, self.image.aio_write_zeroes)
+        def zero(ofs: int, n: int) -> int:
+            return self.librbd.rbd_write_zeroes(self.image, ofs, n, 0, 0)
 
-    def _ranges(self, ctx: AioContext, offset: int, nbytes: int, cb: Completion,
-                op: Any) -> None:
-        """Caller's context: one librbd call per MAX_EFFECT_LEN bytes, one after another."""
-        n = min(nbytes, MAX_EFFECT_LEN)
+        def run() -> int:
+            self._ranges(offset, nbytes, lambda _img, ofs, n: zero(ofs, n))
+            if flags & BDRV_REQ_FUA:
+                check(self.librbd.rbd_flush(self.image), "rbd_flush")
+            return 0
+        self._run(ctx, run, cb)
 
-        def next_part(ret: int) -> None:
-            if ret < 0 or n >= nbytes:
-                cb(ret)
-            else:
-                self._ranges(ctx, offset + n, nbytes - n, cb, op)
-
-        self._call(ctx, next_part, op, offset, n, self._done(ctx, next_part))
-
-    @staticmethod
-    def _done(ctx: AioContext, cb: Completion) -> Any:
-        def oncomplete(comp: Any) -> None:
-            # librbd finisher thread: only hand the result to the caller's context.
-            ret = comp.get_return_value()
-            ctx.schedule(cb, ret if ret < 0 else 0)
-        return oncomplete
-
-    def _call(self, ctx: AioContext, cb: Completion, fn: Any, *args: Any) -> None:
-        """Caller's context: submit; a refusal at submission completes the request at once."""
-        try:
-            fn(*args)
-        except (self.rbd.Error, self.rados.Error, OSError) as e:
-            cb(-_errno_of(e))
-
-    def _then_flush(self, ctx: AioContext, cb: Completion) -> Completion:
-        def done(ret: int) -> None:
-            if ret < 0:
-                cb(ret)
-            else:
-                self.aio_flush(ctx, cb)
-        return done
+    def _ranges(self, offset: int, nbytes: int, op: Callable[..., int]) -> int:
+        """Worker thread: one librbd call per MAX_EFFECT_LEN bytes."""
+        while nbytes > 0:
+            n = min(nbytes, MAX_EFFECT_LEN)
+            check(op(self.image, offset, n), "rbd")
+            offset, nbytes = offset + n, nbytes - n
+        return 0
 
     # -- management (main thread) -------------------------------------------------------------
     def truncate(self, size: int) -> None:
         """Main thread, node drained: resize the image (QMP block_resize)."""
         if self.snapshot is not None:
             raise OSError(errno.EROFS, "Cannot resize a snapshot")
-        try:
-            self.image.resize(size)
-        except (self.rbd.Error, self.rados.Error) as e:
-            raise OSError(_errno_of(e), f"rbd resize failed: {e}") from None
-        self.size = self.image.size()
+        ret = self.librbd.rbd_resize(self.image, size)
+        if ret < 0:
+            raise OSError(-ret, f"rbd resize failed: {os.strerror(-ret)}")
+        self.size = self._get_size()
 
     def close(self) -> None:
         """Main thread, node drained."""
         self._close_all()
 
     def _close_all(self) -> None:
-        for name, method in (("image", "close"), ("ioctx", "close"), ("cluster", "shutdown")):
-            obj = getattr(self, name, None)
-            setattr(self, name, None)
-            if obj is not None:
-                try:
-                    getattr(obj, method)()
-                except Exception as e:  # closing must not fail the caller
-                    log.warning("rbd node '%s': %s.%s failed: %s", self.node_name, name,
-                                method, e)
+        for e, efd, token, ctx in self._engines.values():
+            def drop(e: Any = e, efd: int = efd, token: int = token, ctx: AioContext = ctx
+                     ) -> None:
+                ctx.remove_c_handler(efd, token)
+                os.close(efd)
+                lib.pyvu_rbd_destroy(e)
+            ctx.schedule(drop)  # in the engine's own context (never run if it has stopped)
+        self._engines = {}
+        if self.image is not None:
+            self.librbd.rbd_close(self.image)
+            self.image = None
+        if self.ioctx is not None:
+            self.librados.rados_ioctx_destroy(self.ioctx)
+            self.ioctx = None
+        if self.cluster is not None:
+            self.librados.rados_shutdown(self.cluster)
+            self.cluster = None

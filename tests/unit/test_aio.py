@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -125,6 +126,62 @@ def test_fd_handler_fires_and_can_be_removed(ctx):
         ctx.set_fd_handler(r, None)  # removing twice is harmless
     finally:
         os.close(r)
+        os.close(w)
+
+
+def test_fd_write_handler(ctx):
+    """A write handler runs while the fd is writable (EPOLLOUT); read and write handlers of one
+    fd are independent, and either can be dropped without the other."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    try:
+        reads, writes = [], []
+
+        def on_read():
+            reads.append(a.recv(100))
+
+        def on_write():
+            writes.append(a.send(b"ping"))
+
+        ctx.set_fd_handler(a.fileno(), on_read)  # the old signature: read only
+        assert ctx.aio_poll(blocking=True, timeout=0.05) is False
+        # now also writable: the write handler runs, the read handler does not
+        ctx.set_fd_handler(a.fileno(), on_read, write_handler=on_write)
+        assert ctx.aio_poll(blocking=True, timeout=5) is True
+        assert writes == [4] and reads == []
+        assert b.recv(100) == b"ping"
+        # nothing more to write: drop the write handler, keep reading
+        ctx.set_fd_handler(a.fileno(), on_read)
+        writes.clear()
+        b.send(b"pong")
+        assert ctx.aio_poll(blocking=True, timeout=5) is True
+        assert reads == [b"pong"] and writes == []
+        assert ctx.aio_poll(blocking=True, timeout=0.05) is False
+        # a write-only fd; then neither: no longer watched
+        ctx.set_fd_handler(a.fileno(), None, on_write)
+        assert ctx.aio_poll(blocking=True, timeout=5) is True and writes == [4]
+        ctx.set_fd_handler(a.fileno(), None)
+        assert a.fileno() not in ctx._handlers and a.fileno() not in ctx._writers
+        assert ctx.aio_poll(blocking=True, timeout=0.05) is False
+        ctx.set_fd_handler(a.fileno(), None)  # removing twice is harmless
+    finally:
+        a.close()
+        b.close()
+
+
+def test_write_handler_on_hangup(ctx):
+    """The peer went away: a write-only fd's handler runs (EPOLLHUP/EPOLLERR), so the writer
+    learns of it."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        fired = []
+        ctx.set_fd_handler(w, None, lambda: fired.append(True))
+        assert ctx.aio_poll(blocking=True, timeout=5) is True
+        assert fired
+        ctx.set_fd_handler(w, None)
+    finally:
         os.close(w)
 
 

@@ -74,6 +74,7 @@ static int64_t pyvu_blk_in_flight_add(struct pyvu_blkstate *b, int64_t n);
 #define PYVU_H_KICK       1
 #define PYVU_H_URING      2
 #define PYVU_H_LAIO       3
+#define PYVU_H_RBD        4
 
 struct pyvu_chandler {
     int type;
@@ -139,6 +140,24 @@ static void pyvu_laio_submit(struct pyvu_laio *l);
 static void pyvu_laio_prep(struct pyvu_laio *l, struct pyvu_req *r, int is_write);
 static void pyvu_laio_complete(struct pyvu_laio *l, uint64_t *out, int *nout, int max);
 
+/* ---- rbd_engine.c ---- */
+
+/* struct pyvu_rbd_fns (librbd's entry points): vhost/pyvu.h */
+
+struct pyvu_rbd {
+    struct pyvu_chandler h;
+    int efd;
+    void *image;                    /* rbd_image_t */
+    struct pyvu_rbd_fns f;
+    int64_t inflight;
+    pthread_mutex_t lock;           /* done/res/ndone/cap: filled by librbd's threads */
+    struct pyvu_req **done;
+    long *res;
+    int ndone, cap;
+};
+
+static void pyvu_rbd_complete(struct pyvu_rbd *e, uint64_t *out, int *nout, int max);
+
 /* ---- virtio_blk_queue.c ---- */
 
 /* The bound of each of a queue's lists (slow, failed, done, batch). */
@@ -187,6 +206,7 @@ struct pyvu_req {
     struct iovec *iov;
     unsigned niov;
     struct iocb cb;                 /* DRV_FILE_LAIO */
+    struct pyvu_rbd *rbd;           /* the librbd engine serving it (rbd_engine.c) */
 };
 
 static void pyvu_touch(struct pyvu_fastq *q, struct pyvu_fastq **head);
