@@ -8,11 +8,17 @@ libblkio client (benchmarks/blkio_client.c) drives it.  Runs are interleaved our
 in ``benchmarks/run.py`` (whose ``run_once``/``summarize`` this reuses); each side's figure is
 the median IOPS of its runs.  Cases: 4k randread QD1 and QD32, 4k randwrite QD32 (the issue's
 targets).  Keep the machine otherwise idle: two cores are shared by server, daemon and client.
+
+``--baseline CMD`` adds a third side, interleaved with the other two (another build of ours, e.g.
+the driver before a change), so that before/after figures come from the same run.  The load
+average at the start and the end of the run is printed with the table: on a shared machine it
+says how much the figures can be trusted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import subprocess
@@ -51,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1G")
     p.add_argument("--ours", default="pyvhost-blk")
     p.add_argument("--qsd", default="qemu-storage-daemon")
+    p.add_argument("--baseline", help="a third daemon command, run as our side (before/after)")
     p.add_argument("--case", action="append", choices=sorted(ONLY),
                    help="run only this case (repeatable)")
     args = p.parse_args(argv)
     cmds = {"ours": [args.ours], "qsd": [args.qsd]}
+    if args.baseline:
+        cmds["base"] = [args.baseline]
+    sides = list(cmds)
     for side, cmd in cmds.items():
         if shutil.which(cmd[0]) is None:
             raise SystemExit(f"{side}: {cmd[0]} not found")
@@ -70,14 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         server = _start_qemu_nbd(image, sock)
         blockdev = f"driver=nbd,node-name=disk0,server.type=unix,server.path={sock}"
         rows = []
+        load0 = os.getloadavg()
         try:
             for case in [ONLY[c] for c in args.case] if args.case else CASES:
-                runs: dict[str, list[dict]] = {"ours": [], "qsd": []}
+                runs: dict[str, list[dict]] = {side: [] for side in sides}
                 for rep in range(args.pairs):
-                    for side in ("ours", "qsd"):
+                    for side in sides:
+                        as_side = "qsd" if side == "qsd" else "ours"
                         try:
-                            runs[side].append(run_once(side, cmds[side], blockdev, case, client,
-                                                       workdir, args.runtime, False, rep))
+                            runs[side].append(run_once(as_side, cmds[side], blockdev, case,
+                                                       client, workdir, args.runtime, False,
+                                                       rep + (100 if side == "base" else 0)))
                         except BenchError as e:
                             runs[side].append({"error": e.summary})
                 s = {side: summarize(r) for side, r in runs.items()}
@@ -91,13 +104,30 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait()
+    load1 = os.getloadavg()
+    base = "base" in cmds
     print(f"{'case':<28} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours/qsd':>8} "
-          f"{'ours CPU%':>9} {'qsd CPU%':>9}")
+          f"{'ours CPU%':>9} {'qsd CPU%':>9}"
+          + (f" {'base IOPS':>10} {'base/qsd':>8} {'base CPU%':>9}" if base else ""))
     for label, o, q, ratio, s in rows:
         oc = s["ours"]["daemon_cpu_pct_mean"] if s["ours"] else None
         qc = s["qsd"]["daemon_cpu_pct_mean"] if s["qsd"] else None
-        print(f"{label:<28} {o or 0:>10.0f} {q or 0:>10.0f} "
-              f"{ratio if ratio is not None else 0:>8.2f} {oc or 0:>9.0f} {qc or 0:>9.0f}")
+        line = (f"{label:<28} {o or 0:>10.0f} {q or 0:>10.0f} "
+                f"{ratio if ratio is not None else 0:>8.2f} {oc or 0:>9.0f} {qc or 0:>9.0f}")
+        if base:
+            b = s["base"]["iops_median"] if s["base"] else None
+            bc = s["base"]["daemon_cpu_pct_mean"] if s["base"] else None
+            line += (f" {b or 0:>10.0f} {(b / q) if b and q else 0:>8.2f} {bc or 0:>9.0f}")
+        print(line)
+    for label, _o, _q, _ratio, s in rows:
+        runs_txt = "; ".join(
+            f"{side} " + " ".join(str(x) for x in s[side].get("iops_all", []))
+            + (f" ({s[side]['iops_per_cpu_median']:.0f}/CPU-s)"
+               if s[side].get("iops_per_cpu_median") else "")
+            for side in sides if s[side])
+        print(f"  {label.strip()}: IOPS per run (median IOPS per daemon CPU-second): {runs_txt}")
+    print("load average (1/5/15 min): start " + " ".join(f"{x:.2f}" for x in load0)
+          + ", end " + " ".join(f"{x:.2f}" for x in load1))
     return 0
 
 
