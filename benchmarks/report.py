@@ -5,9 +5,11 @@
 The report (RESULTS.md next to RESULTS.json unless --md says otherwise) has one table row per
 case: the median IOPS of each side, the ratio ours/qsd of the medians, the spread of the
 interleaved runs (min..max of each side, and min..max of the per-pair ratios), the daemons'
-CPU and how much CPU other processes took meanwhile; then the machine, the date and the command
-line of the run.  The chart (RESULTS.png) shows, per case, a bar for each side's median IOPS
-with min..max error bars and the ratio printed above the pair.  It needs matplotlib (the
+CPU, IOPS per daemon CPU-second of each side and their ratio, and how much CPU other processes
+took meanwhile; then the machine, the date, the daemons' configurations, the CPU pinning and
+the command line of the run.  The chart (RESULTS.png) shows, per case, a bar for each side's
+median IOPS with min..max error bars and the ratio printed above the pair, and below it the
+same for IOPS per daemon CPU-second.  It needs matplotlib (the
 ``bench`` extra); without it only the Markdown is written and one line says how to install it.
 ``benchmarks.run --json OUT`` calls :func:`write_reports` itself.
 """
@@ -46,6 +48,10 @@ class SideStats:
     runs: int
     failed: int
     daemon_cpu: float | None
+    #: requests per daemon CPU-second: median of the runs and their range (None: not measured)
+    per_cpu: float | None = None
+    per_cpu_lo: float | None = None
+    per_cpu_hi: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Row:
     other_cpu: float | None
     #: what the qsd side ran when it is not the same backend as ours
     qsd_backend_note: str = ""
+    #: ours/qsd of the median IOPS per daemon CPU-second
+    cpu_ratio: float | None = None
 
 
 def _side_stats(entry: dict[str, Any], side: str) -> SideStats | None:
@@ -73,10 +81,17 @@ def _side_stats(entry: dict[str, Any], side: str) -> SideStats | None:
     median = float(summary["iops_median"])
     # iops_all is rounded to integers, the median is not: keep lo <= median <= hi
     values = [float(v) for v in summary.get("iops_all") or []] + [median]
+    per_cpu = summary.get("iops_per_cpu_median")
+    pc_values = [float(v) for v in summary.get("iops_per_cpu_all") or []]
+    if per_cpu is not None:
+        pc_values.append(float(per_cpu))
     return SideStats(median=median, lo=min(values), hi=max(values),
                      runs=int(summary.get("runs_ok", len(values))),
                      failed=int(summary.get("runs_failed", 0)),
-                     daemon_cpu=summary.get("daemon_cpu_pct_mean"))
+                     daemon_cpu=summary.get("daemon_cpu_pct_mean"),
+                     per_cpu=None if per_cpu is None else float(per_cpu),
+                     per_cpu_lo=min(pc_values) if pc_values else None,
+                     per_cpu_hi=max(pc_values) if pc_values else None)
 
 
 def _good_iops_by_rep(runs: Iterable[dict[str, Any]]) -> dict[int, float]:
@@ -96,9 +111,12 @@ def rows(data: Results) -> list[Row]:
         others = [s.get("other_cpu_pct_max") for s in (entry.get("ours"), entry.get("qsd"))
                   if s and s.get("other_cpu_pct_max") is not None]
         note = ("qsd: null-co" if entry.get("backend") == "memory" and qsd is not None else "")
+        cpu_ratio = (ours.per_cpu / qsd.per_cpu
+                     if ours and qsd and ours.per_cpu and qsd.per_cpu else None)
         out.append(Row(case=entry["case"], label=entry.get("label", entry["case"]),
                        ours=ours, qsd=qsd, ratio=ratio, pair_ratios=pairs,
-                       other_cpu=max(others) if others else None, qsd_backend_note=note))
+                       other_cpu=max(others) if others else None, qsd_backend_note=note,
+                       cpu_ratio=cpu_ratio))
     return out
 
 
@@ -157,7 +175,8 @@ def markdown(data: Results, png_name: str | None = None,
     if notes:
         lines += [f"> **Note:** {n}" if i == 0 else f"> {n}" for i, n in enumerate(notes)]
         band = f"{1 - EQUAL_BAND:g}–{1 + EQUAL_BAND:g}"
-        lines += [">", "> Runs are interleaved (ours, qsd, ours, ...) so drift hits both sides; "
+        lines += [">", "> Runs are interleaved in pairs of alternating order (ours then qsd, "
+                  "qsd then ours, ...) so drift hits both sides; "
                   f"still, treat ratios within ~{band} as equal.", ""]
     if png_name:
         lines += [f"![median IOPS per case, ours vs qsd]({png_name})", ""]
@@ -166,12 +185,14 @@ def markdown(data: Results, png_name: str | None = None,
         + (f", {runtime:g} s each" if runtime else "")
         + " (libblkio client, `benchmarks/blkio_client.c`).  **ours/qsd**: ratio of the "
         "medians.  **spread**: min–max IOPS of each side's runs (the chart's error bars) and "
-        "min–max of the per-pair ratios.  **daemon CPU %**: utime+stime over the run, 100 = one "
-        "core, ours/qsd.  **others %**: most CPU other processes took during a run of the case.",
+        "min–max of the per-pair ratios.  **daemon CPU %**: utime+stime over the run "
+        "(/proc/PID/stat), 100 = one core, ours/qsd.  **IOPS/CPU**: requests per second of "
+        "daemon CPU time (median of the runs, min–max in the JSON), ours and qsd, and their "
+        "ratio.  **others %**: most CPU other processes took during a run of the case.",
         "",
         "| case | ours IOPS | qsd IOPS | ours/qsd | ours spread | qsd spread | pair ratios "
-        "| daemon CPU % | others % |",
-        "| --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |",
+        "| daemon CPU % | ours IOPS/CPU | qsd IOPS/CPU | IOPS/CPU ours/qsd | others % |",
+        "| --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table:
         ratio = f"**{r.ratio:.2f}**" if r.ratio is not None else "-"
@@ -183,9 +204,11 @@ def markdown(data: Results, png_name: str | None = None,
         if r.other_cpu is not None and r.other_cpu > BUSY_OTHER_PCT:
             other += " *busy*"
         case = f"`{r.case}`" + (f" ({r.qsd_backend_note})" if r.qsd_backend_note else "")
+        cratio = f"**{r.cpu_ratio:.2f}**" if r.cpu_ratio is not None else "-"
         lines.append(f"| {case} | {fmt_iops(r.ours and r.ours.median)} | "
                      f"{fmt_iops(r.qsd and r.qsd.median)} | {ratio} | {_range(r.ours)} | "
-                     f"{_range(r.qsd)} | {pr} | {cpu} | {other} |")
+                     f"{_range(r.qsd)} | {pr} | {cpu} | {fmt_iops(r.ours and r.ours.per_cpu)} | "
+                     f"{fmt_iops(r.qsd and r.qsd.per_cpu)} | {cratio} | {other} |")
     lines += ["", "## Run", ""]
     machine = ", ".join(x for x in (
         meta.get("host") and f"host `{meta['host']}`",
@@ -209,6 +232,12 @@ def markdown(data: Results, png_name: str | None = None,
         lines.append(f"- {side} command: `{' '.join(cmd)}`")
     for key, value in meta.get("blockdev", {}).items():
         lines.append(f"- blockdev {key}: `{value}`")
+    for text in meta.get("configs", []):
+        lines.append(f"- {text}")
+    if "pinning" in meta:
+        lines.append(f"- CPU pinning: {meta['pinning'] or 'none (--no-pin)'}")
+    if meta.get("perf"):
+        lines.append(f"- perf: {meta['perf']}")
     if meta.get("client_poll"):
         lines.append("- client busy-polls for completions (`--client-poll`)")
     return "\n".join(lines) + "\n"
@@ -239,69 +268,95 @@ def _tick(v: float) -> str:
     return f"{v:g}"
 
 
+def _bar_panel(ax: Any, table: Sequence[Row], metric: str, ylabel: str) -> None:
+    """One panel of the chart: per case a bar per side (median, min..max error bars) and the
+    ratio ours/qsd above the pair.  `metric` is "iops" or "per_cpu"."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    def get(s: SideStats | None) -> tuple[float, float, float] | None:
+        if s is None:
+            return None
+        if metric == "iops":
+            return s.median, s.lo, s.hi
+        if s.per_cpu is None:
+            return None
+        return s.per_cpu, s.per_cpu_lo or s.per_cpu, s.per_cpu_hi or s.per_cpu
+
+    width = 0.38
+    colors = {"ours": "#1f77b4", "qsd": "#ff7f0e"}
+    names = {"ours": "ours (pyvhost-blk)", "qsd": "qemu-storage-daemon"}
+    lows, tops = [], []
+    for k, side in enumerate(SIDES):
+        xs, med, err_lo, err_hi = [], [], [], []
+        for i, r in enumerate(table):
+            v = get(getattr(r, side))
+            if v is None:
+                continue
+            m, lo, hi = v
+            xs.append(i + (k - 0.5) * width)
+            med.append(m)
+            err_lo.append(max(0.0, m - lo))
+            err_hi.append(max(0.0, hi - m))
+            lows.append(max(lo, 1.0))
+            tops.append(hi)
+        if xs:
+            ax.bar(xs, med, width, color=colors[side], label=names[side],
+                   yerr=[err_lo, err_hi], capsize=2.5, error_kw={"elinewidth": 1})
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _tick(v)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: _tick(v)))
+    if tops:
+        # headroom for the ratios and the legend above the tallest error bar
+        ax.set_ylim(min(lows) / 2.5, max(tops) * 4.5)
+    for i, r in enumerate(table):
+        o, q = get(r.ours), get(r.qsd)
+        if o is None or q is None or not q[0]:
+            continue
+        ratio = o[0] / q[0]
+        ax.text(i, max(o[2], q[2]) * 1.15, f"{ratio:.2f}", ha="center", va="bottom",
+                fontsize=8, fontweight="bold", color=_ratio_color(ratio))
+    ax.set_xlim(-0.6, len(table) - 0.4)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.legend(loc="upper left", ncol=2, fontsize=8, framealpha=0.9)
+
+
 def draw_chart(data: Results, path: str | os.PathLike[str]) -> None:
-    """Draw the grouped-bar chart of `data` to the PNG file `path`.
+    """Draw the grouped-bar chart of `data` to the PNG file `path`: IOPS, and below it IOPS
+    per daemon CPU-second when the run measured it.
 
     Raises ImportError when matplotlib is not installed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
     table = rows(data)
     meta = data.get("meta", {})
-    width = 0.38
+    per_cpu = any(s is not None and s.per_cpu for r in table for s in (r.ours, r.qsd))
     fig_w = max(8.0, 1.0 + 0.62 * len(table))
-    fig, ax = plt.subplots(figsize=(fig_w, 5.6), dpi=90)
+    fig, axes = plt.subplots(2 if per_cpu else 1, 1, figsize=(fig_w, 9.6 if per_cpu else 5.6),
+                             dpi=90, squeeze=False)
     try:
-        colors = {"ours": "#1f77b4", "qsd": "#ff7f0e"}
-        names = {"ours": "ours (pyvhost-blk)", "qsd": "qemu-storage-daemon"}
-        lows = []
-        for k, side in enumerate(SIDES):
-            xs, med, err_lo, err_hi = [], [], [], []
-            for i, r in enumerate(table):
-                s: SideStats | None = getattr(r, side)
-                if s is None:
-                    continue
-                xs.append(i + (k - 0.5) * width)
-                med.append(s.median)
-                err_lo.append(s.median - s.lo)
-                err_hi.append(s.hi - s.median)
-                lows.append(max(s.lo, 1.0))
-            if xs:
-                ax.bar(xs, med, width, color=colors[side], label=names[side],
-                       yerr=[err_lo, err_hi], capsize=2.5, error_kw={"elinewidth": 1})
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _tick(v)))
-        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: _tick(v)))
-        tops = [max(s.hi for s in (r.ours, r.qsd) if s) for r in table if r.ours or r.qsd]
-        if tops:
-            # headroom for the ratios and the legend above the tallest error bar
-            ax.set_ylim(min(lows) / 2.5, max(tops) * 4.5)
-        for i, r in enumerate(table):
-            if r.ratio is None:
-                continue
-            top = max(s.hi for s in (r.ours, r.qsd) if s)
-            ax.text(i, top * 1.15, f"{r.ratio:.2f}", ha="center", va="bottom", fontsize=8,
-                    fontweight="bold", color=_ratio_color(r.ratio))
-        ax.set_xticks(range(len(table)))
-        ax.set_xticklabels([r.case + (" *" if r.qsd_backend_note else "") for r in table],
-                           rotation=40, ha="right", fontsize=8)
-        ax.set_xlim(-0.6, len(table) - 0.4)
-        ax.set_ylabel("IOPS (log scale)")
-        ax.grid(axis="y", which="major", alpha=0.3)
-        ax.legend(loc="upper left", ncol=2, fontsize=8, framealpha=0.9)
+        ax = axes[0][0]
+        _bar_panel(ax, table, "iops", "IOPS (log scale)")
+        if per_cpu:
+            _bar_panel(axes[1][0], table, "per_cpu", "IOPS per daemon CPU-second (log)")
+        labels = [r.case + (" *" if r.qsd_backend_note else "") for r in table]
+        for row in axes:
+            row[0].set_xticks(range(len(table)))
+            row[0].set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
         pairs = meta.get("pairs", "?")
         runtime = meta.get("runtime_s")
         title = (f"median IOPS of {pairs} interleaved runs per side"
                  + (f" ({runtime:g} s each)" if runtime else "")
-                 + f"\n{SPREAD_TEXT}; number above a pair = ours/qsd of the medians "
+                 + f"\n{SPREAD_TEXT}; number above a pair = ours/qsd of the medians\n"
                  f"(grey: within {1 - EQUAL_BAND:g}..{1 + EQUAL_BAND:g}, i.e. noise)")
         sub = ", ".join(x for x in (str(meta.get("date", ""))[:16].replace("T", " "),
                                     meta.get("host") and f"host {meta['host']}",
-                                    meta.get("cpus") and f"{meta['cpus']} CPUs") if x)
+                                    meta.get("cpus") and f"{meta['cpus']} CPUs",
+                                    meta.get("pinning") and "client/daemon pinned") if x)
         if noise_notes(data, table):
             sub += " — machine was busy: numbers are noisy"
         if any(r.qsd_backend_note for r in table):

@@ -1,19 +1,29 @@
 """Benchmark pyvhost-blk against qemu-storage-daemon, in the same run.
 
-    python -m benchmarks.run [--quick] [--pairs 3] [--only ours|qsd]
+    python -m benchmarks.run [--quick] [--pairs 5] [--only ours|qsd] [--no-pin]
                              [--ours CMD] [--qsd CMD] [--json OUT] ...
 
 For every case (backend x workload) the daemon under test is started with the
 same --blockdev/--export arguments qemu-storage-daemon takes, the libblkio
 client (benchmarks/blkio_client.c) drives it for a few seconds, and the daemon
-is stopped with SIGTERM.  Runs are interleaved ours, qsd, ours, qsd, ... so
-that drift of the machine affects both sides alike; each side's figure is the
-median IOPS of its runs and the mean of its runs' mean latencies.  With
+is stopped with SIGTERM.
+
+Fairness: both daemons get the same shape, qsd its best configuration (stated in
+the output): one iothread running the export (``--object iothread,id=io0``, the
+export's ``iothread=io0``), Linux AIO + O_DIRECT for files.  The client is pinned
+to CPU 0 and the daemon to CPU 1 (``taskset``; ``--no-pin`` turns that off).  Pairs
+of runs alternate their order (ours then qsd, qsd then ours, ...) so drift of the
+machine affects both sides alike.  Each side's figure is the median IOPS of its
+runs with their min-max; the daemon's CPU time (utime+stime, /proc/PID/stat) is
+read around every run, giving IOPS per daemon CPU-second and its ratio ours/qsd;
+``perf stat -e cycles -p PID`` adds cycles per request where the CPU has counters.
+The ``-poll0`` cases run our iothread with ``poll-max-ns=0`` (no polling).  With
 --json OUT.json the runner also writes OUT.md (a Markdown report) and OUT.png
 (a chart; needs matplotlib) next to it, see benchmarks/report.py.
 
-Keep the machine otherwise idle while this runs: it has two cores to share
-between the client and the daemon.  See benchmarks/README.md.
+Keep the machine otherwise idle while this runs (``--wait-idle SECS`` waits for
+it before each run): it has two cores to share between the client and the
+daemon.  See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -60,6 +71,16 @@ BUSY_OTHER_PCT = 15.0
 CONNECT_TRIES = 5
 
 
+#: the daemon's CPU and the client's, when pinned (``--no-pin`` turns pinning off)
+CLIENT_CPU = 0
+DAEMON_CPU = 1
+#: both daemons run their export in one iothread (qsd's best shape: its iothread, unlike its
+#: main loop, is the context QEMU optimises for); ``--no-iothread`` gives neither one
+IOTHREAD_OBJ = "iothread,id=io0"
+#: polling off, for our side of the ``-poll0`` cases
+POLL0_OBJ = "iothread,id=io0,poll-max-ns=0"
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     backend: str     # "null" or "file"
@@ -68,7 +89,8 @@ class Case:
     queues: int
     bs: int = 4096
     #: extra options for *our* side only: "python" (fast-path=off: every request through the
-    #: Python handler) or "iothreads" (queues spread over one iothread each)
+    #: Python handler), "iothreads" (queues spread over one iothread each; qsd keeps all its
+    #: queues on one iothread, its best setup) or "poll0" (our iothread with poll-max-ns=0)
     variant: str = ""
 
     @property
@@ -83,16 +105,27 @@ class Case:
         return (f"{self.backend:<6} {self.bs // 1024}k {self.rw:<9} QD{self.iodepth:<2} "
                 f"{self.queues}q{var}")
 
-    def ours_export_opts(self) -> tuple[list[str], str]:
-        """(extra daemon arguments, extra export options) for our side."""
-        if self.variant == "python":
-            return [], ",fast-path=off"
-        if self.variant == "iothreads":
+    def daemon_opts(self, side: str, iothread: bool = True) -> tuple[list[str], str]:
+        """(extra daemon arguments, extra export options) of `side` for this case.
+
+        Both sides get the same shape -- one iothread running the export (``--object
+        iothread,id=io0`` and the export's ``iothread=io0``) -- unless ``iothread`` is False
+        (neither gets one) or the variant changes *our* side."""
+        if side == "ours" and self.variant == "iothreads":
             objs = []
             for i in range(self.queues):
                 objs += ["--object", f"iothread,id=io{i}"]
             return objs, "".join(f",iothread.{i}=io{i}" for i in range(self.queues))
-        return [], ""
+        extra = ",fast-path=off" if side == "ours" and self.variant == "python" else ""
+        if side == "ours" and self.variant == "poll0":
+            return ["--object", POLL0_OBJ], ",iothread=io0"
+        if not iothread:
+            return [], extra
+        return ["--object", IOTHREAD_OBJ], ",iothread=io0" + extra
+
+    def ours_export_opts(self) -> tuple[list[str], str]:
+        """(extra daemon arguments, extra export options) for our side."""
+        return self.daemon_opts("ours")
 
 
 def all_cases() -> list[Case]:
@@ -101,6 +134,9 @@ def all_cases() -> list[Case]:
         cases += [
             Case(backend, "randread", 1, 1),
             Case(backend, "randread", 32, 1),
+            # polling off on our side: what one request costs without it
+            Case(backend, "randread", 1, 1, variant="poll0"),
+            Case(backend, "randread", 32, 1, variant="poll0"),
             Case(backend, "randread", 32, 2),
             Case(backend, "randread", 32, 2, variant="iothreads"),
             Case(backend, "randwrite", 32, 1),
@@ -178,15 +214,80 @@ def _tail(path: pathlib.Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def pin_prefix(cpu: int | None) -> list[str]:
+    """``taskset -c CPU`` (which execs the command: same PID), or nothing."""
+    if cpu is None:
+        return []
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise SystemExit("benchmarks.run: taskset not found (util-linux); use --no-pin")
+    return [taskset, "-c", str(cpu)]
+
+
+def perf_status() -> tuple[bool, str]:
+    """(cycles can be counted, a sentence for the report)."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return False, "perf not installed: no cycles per request"
+    try:
+        proc = subprocess.run([perf, "stat", "-x", ",", "-e", "cycles", "--", "true"],
+                              capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"perf does not run ({exc}): no cycles per request"
+    value = _perf_cycles(proc.stderr)
+    if proc.returncode != 0 or value is None:
+        why = "cycles <not supported>" if "not supported" in proc.stderr else \
+            (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, (f"perf cannot count cycles here ({why}; no hardware PMU in this VM?): "
+                       "no cycles per request; CPU time per request comes from /proc")
+    return True, "cycles per request from perf stat -e cycles -p PID"
+
+
+def _perf_cycles(text: str) -> float | None:
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("cycles"):
+            try:
+                return float(fields[0])
+            except ValueError:
+                return None
+    return None
+
+
+class PerfCounter:
+    """``perf stat -e cycles -p PID`` around a run (SIGINT stops it and makes it report)."""
+
+    def __init__(self, pid: int, out: pathlib.Path):
+        self.out = out
+        self.proc = subprocess.Popen(
+            ["perf", "stat", "-x", ",", "-e", "cycles", "-o", str(out), "-p", str(pid)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> float | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        try:
+            return _perf_cycles(self.out.read_text())
+        except OSError:
+            return None
+
+
 class Daemon:
     """One daemon process exporting disk0 over a vhost-user socket."""
 
     def __init__(self, cmd: list[str], blockdev: str, sock: pathlib.Path,
                  queues: int, log: pathlib.Path, extra_args: list[str] | None = None,
-                 export_opts: str = ""):
+                 export_opts: str = "", cpu: int | None = None):
         self.sock = sock
         self.log = log
         self.argv = [
+            *pin_prefix(cpu),
             *cmd,
             *(extra_args or []),
             "--blockdev", blockdev,
@@ -271,11 +372,13 @@ class Daemon:
 
 
 def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathlib.Path,
-             workdir: pathlib.Path, runtime: float, client_poll: bool, rep: int) -> dict:
+             workdir: pathlib.Path, runtime: float, client_poll: bool, rep: int,
+             pin: bool = True, iothread: bool = True, perf: bool = False) -> dict:
     sock = workdir / f"{side}.sock"
     log = workdir / f"{case.name}.{side}.{rep + 1}.log"
-    extra_args, export_opts = case.ours_export_opts() if side == "ours" else ([], "")
-    daemon = Daemon(cmd, blockdev, sock, case.queues, log, extra_args, export_opts)
+    extra_args, export_opts = case.daemon_opts(side, iothread)
+    daemon = Daemon(cmd, blockdev, sock, case.queues, log, extra_args, export_opts,
+                    cpu=DAEMON_CPU if pin else None)
     result: dict = {"side": side, "case": case.name, "daemon_log": str(log)}
     try:
         daemon.start()
@@ -283,7 +386,8 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         exc.startup = True
         raise
     try:
-        argv = [str(client), "--socket", str(sock), "--mode", "bench", "--rw", case.rw,
+        argv = [*pin_prefix(CLIENT_CPU if pin else None),
+                str(client), "--socket", str(sock), "--mode", "bench", "--rw", case.rw,
                 "--bs", str(case.bs), "--iodepth", str(case.iodepth), "--queues",
                 str(case.queues), "--runtime", f"{runtime:g}"]
         idle = daemon.rss_mib()
@@ -294,7 +398,10 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         sampler.start()
         if client_poll:
             argv.append("--poll")
+        counter = None
         for attempt in range(CONNECT_TRIES):
+            if perf and daemon.proc is not None:
+                counter = PerfCounter(daemon.proc.pid, workdir / f"{side}.perf")
             cpu0 = daemon.cpu_seconds()
             sys0 = _system_busy_seconds()
             t0 = time.monotonic()
@@ -304,6 +411,9 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
             except subprocess.TimeoutExpired as exc:
                 raise BenchError(f"client did not finish within {runtime + 60:.0f} s") from exc
             wall = time.monotonic() - t0
+            cpu1 = daemon.cpu_seconds()
+            sys1 = _system_busy_seconds()
+            cycles = counter.stop() if counter is not None else None
             # The socket file exists from bind() on, but connecting fails until listen():
             # on a busy machine the client can fall in between.
             if not (proc.returncode == 3 and "Connection refused" in proc.stderr
@@ -314,8 +424,6 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         if loaded and loaded[0] is not None:
             result["rss_load_mib"] = round(loaded[0][0], 1)
             result["rss_shmem_mib"] = round(loaded[0][1], 1)
-        cpu1 = daemon.cpu_seconds()
-        sys1 = _system_busy_seconds()
         if proc.stderr.strip():
             result["client_stderr"] = proc.stderr.strip()[-2000:]
         try:
@@ -326,14 +434,22 @@ def run_once(side: str, cmd: list[str], blockdev: str, case: Case, client: pathl
         result.update(data)
         result["client_status"] = proc.returncode
         if cpu0 is not None and cpu1 is not None and wall > 0:
-            # includes the client's connect/setup time; close enough at runtime >= 1 s
-            result["daemon_cpu_pct"] = round((cpu1 - cpu0) / wall * 100.0, 1)
+            # The daemon's utime+stime (all threads, /proc/PID/stat) over the client's whole
+            # run: its connect and setup too, which is a few ms in a run of seconds.
+            cpu_s = cpu1 - cpu0
+            result["daemon_cpu_s"] = round(cpu_s, 3)
+            result["daemon_cpu_pct"] = round(cpu_s / wall * 100.0, 1)
+            if cpu_s > 0 and data.get("ios"):
+                result["iops_per_cpu"] = round(data["ios"] / cpu_s)
             if sys0 is not None and sys1 is not None and "client_cpu_pct" in data:
                 # CPU used by everything else on the machine during the run:
                 # a busy neighbour makes the numbers meaningless.
                 client_s = data["client_cpu_pct"] / 100.0 * data.get("seconds", 0)
-                other = (sys1 - sys0) - (cpu1 - cpu0) - client_s
+                other = (sys1 - sys0) - cpu_s - client_s
                 result["other_cpu_pct"] = round(max(0.0, other) / wall * 100.0, 1)
+        if cycles is not None and data.get("ios"):
+            result["daemon_cycles"] = cycles
+            result["cycles_per_req"] = round(cycles / data["ios"])
         if proc.returncode != 0 or data.get("errors") or data.get("aborted"):
             result["error"] = (f"client status {proc.returncode}, {data.get('errors')} request "
                                f"errors: {proc.stderr.strip()[-500:]}")
@@ -364,7 +480,14 @@ def summarize(runs: list[dict]) -> dict | None:
         "runs_ok": len(good),
         "runs_failed": len(runs) - len(good),
         "iops_median": med("iops"),
+        "iops_min": min(r["iops"] for r in good),
+        "iops_max": max(r["iops"] for r in good),
         "iops_all": [round(r["iops"]) for r in good],
+        # requests per second of daemon CPU time (utime+stime from /proc/PID/stat)
+        "iops_per_cpu_median": med("iops_per_cpu"),
+        "iops_per_cpu_all": [r["iops_per_cpu"] for r in good if r.get("iops_per_cpu")],
+        "daemon_cpu_s_all": [r["daemon_cpu_s"] for r in good if "daemon_cpu_s" in r],
+        "cycles_per_req_median": med("cycles_per_req"),
         "lat_mean_us": mean("lat_mean_us"),
         "lat_p50_us_median": med("lat_p50_us"),
         "lat_p99_us_median": med("lat_p99_us"),
@@ -387,19 +510,32 @@ def _cpu_pair(o: dict | None, q: dict | None, key: str) -> str:
     return f"{_fmt(o and o[key], '.0f')}/{_fmt(q and q[key], '.0f')}"
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def _spread(s: dict | None) -> str:
+    from benchmarks.report import fmt_iops  # report imports this module: import late
+
+    if not s:
+        return "-"
+    return f"{fmt_iops(s['iops_min'])}-{fmt_iops(s['iops_max'])}"
+
+
 def print_table(results: list[dict], out=sys.stdout) -> None:
     from benchmarks.report import fmt_iops  # report imports this module: import late
 
-    header = (f"{'case':<36} {'ours IOPS':>10} {'qsd IOPS':>10} {'ours/qsd':>8} "
-              f"{'ours MiB/s':>10} {'ours lat':>9} {'qsd lat':>9} {'client CPU%':>12} "
-              f"{'daemon CPU%':>12} {'RSS MiB':>12}")
+    header = (f"{'case':<36} {'ours IOPS':>9} {'(min-max)':>15} {'qsd IOPS':>9} "
+              f"{'(min-max)':>15} {'ours/qsd':>8} {'daemon CPU%':>11} {'IOPS/CPU':>15} "
+              f"{'ours/qsd':>8} {'lat us':>11} {'client CPU%':>11} {'RSS MiB':>8}")
     print(header, file=out)
     print("-" * len(header), file=out)
     for res in results:
         o, q = res.get("ours"), res.get("qsd")
         oi = o["iops_median"] if o else None
         qi = q["iops_median"] if q else None
-        ratio = f"{oi / qi:.2f}" if oi and qi else "-"
+        oc = o.get("iops_per_cpu_median") if o else None
+        qc = q.get("iops_per_cpu_median") if q else None
         ccpu = _cpu_pair(o, q, "client_cpu_pct_mean")
         dcpu = _cpu_pair(o, q, "daemon_cpu_pct_mean")
         flag = ""
@@ -410,17 +546,21 @@ def print_table(results: list[dict], out=sys.stdout) -> None:
             s = res.get(side)
             if res.get(f"{side}_attempted") and (s is None or s["runs_failed"]):
                 flag += f" !{side}"
-        rss = (f"{_fmt(o and o['rss_idle_mib_max'], '.0f')}/"
-               f"{_fmt(o and o['rss_load_mib_max'], '.0f')}")
-        print(f"{res['label']:<36} {fmt_iops(oi):>10} {fmt_iops(qi):>10} {ratio:>8} "
-              f"{_fmt(o and o['mib_s_median'], '.0f'):>10} "
-              f"{_fmt(o and o['lat_mean_us']):>9} {_fmt(q and q['lat_mean_us']):>9} "
-              f"{ccpu:>12} {dcpu:>12} {rss:>12}{flag}", file=out)
-    print("IOPS: median of the runs; lat: mean completion latency in microseconds "
-          "(mean over runs);\nRSS MiB: ours idle/under load, without the shared guest-memory "
-          "mapping;\nCPU%: ours/qsd, 100 = one core; !side: some runs of that side "
-          "failed (see JSON/logs);\nbusy(N%): other processes used up to N% of a core during a run "
-          "of this case -- not trustworthy.", file=out)
+        cyc = [s.get("cycles_per_req_median") for s in (o, q) if s]
+        if any(cyc):
+            flag += f" cycles/req {_fmt(cyc[0], '.0f')}/{_fmt(cyc[-1], '.0f')}"
+        lat = (f"{_fmt(o and o['lat_mean_us'])}/{_fmt(q and q['lat_mean_us'])}")
+        print(f"{res['label']:<36} {fmt_iops(oi):>9} {_spread(o):>15} {fmt_iops(qi):>9} "
+              f"{_spread(q):>15} {_ratio(oi, qi):>8} {dcpu:>11} "
+              f"{fmt_iops(oc) + '/' + fmt_iops(qc):>15} {_ratio(oc, qc):>8} {lat:>11} "
+              f"{ccpu:>11} {_fmt(o and o['rss_load_mib_max'], '.0f'):>8}{flag}", file=out)
+    print("IOPS: median (min-max) of the runs; daemon CPU%: utime+stime of the daemon over a "
+          "run\n(/proc/PID/stat), 100 = one core, ours/qsd; IOPS/CPU: requests per second of "
+          "daemon CPU time\n(median of the runs), ours/qsd; lat: mean completion latency in "
+          "microseconds, ours/qsd;\nRSS MiB: ours under load, without the shared guest-memory "
+          "mapping; !side: some runs of that side\nfailed (see JSON/logs); busy(N%): other "
+          "processes used up to N% of a core during a run of this case\n-- not trustworthy.",
+          file=out)
 
 
 # --------------------------------------------------------------------------
@@ -474,8 +614,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Compare pyvhost-blk with qemu-storage-daemon using the libblkio client.")
     p.add_argument("--quick", action="store_true",
                    help="short runs (1 s each instead of 5 s)")
-    p.add_argument("--pairs", type=int, default=3, metavar="N",
-                   help="runs per side per case, interleaved ours/qsd (default 3)")
+    p.add_argument("--pairs", type=int, default=5, metavar="N",
+                   help="runs per side per case; the order alternates (ours first, then qsd "
+                        "first) from pair to pair (default 5)")
     p.add_argument("--only", choices=SIDES, help="benchmark only one side")
     p.add_argument("--ours", default="pyvhost-blk", metavar="CMD",
                    help="command line of our daemon (default: pyvhost-blk on PATH)")
@@ -484,13 +625,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=float, metavar="SECS",
                    help="seconds per client run (default 5, or 1 with --quick)")
     p.add_argument("--cases", metavar="SUBSTR", action="append",
-                   help="only cases whose name contains SUBSTR (repeatable), e.g. "
-                        "'null-', 'qd1-', 'randwrite'; names look like null-randread-qd32-2q")
+                   help="only cases whose name contains SUBSTR, a regular expression "
+                        "(repeatable), e.g. 'null-', 'qd1-', 'randwrite', 'qd1-1q$'; names look "
+                        "like null-randread-qd32-2q")
     p.add_argument("--ours-file-opts", default=OURS_FILE_OPTS, metavar="OPTS",
                    help=f"extra --blockdev options for our file backend (default {OURS_FILE_OPTS})")
     p.add_argument("--qsd-file-opts", default=QSD_FILE_OPTS, metavar="OPTS",
                    help=f"extra --blockdev options for qsd's file backend (default "
                         f"{QSD_FILE_OPTS}, falling back to {QSD_FILE_FALLBACK_OPTS})")
+    p.add_argument("--no-pin", action="store_true",
+                   help=f"do not pin the client to CPU {CLIENT_CPU} and the daemon to CPU "
+                        f"{DAEMON_CPU} (taskset)")
+    p.add_argument("--no-iothread", action="store_true",
+                   help="run both exports in the daemons' main loop instead of one iothread "
+                        "each (the -iothreads and -poll0 variants keep theirs)")
+    p.add_argument("--no-perf", action="store_true",
+                   help="do not count cycles with perf stat even if it works")
     p.add_argument("--client-poll", action="store_true",
                    help="client busy-polls for completions (default: sleeps on the eventfd)")
     p.add_argument("--image-dir", default="/dev/shm", metavar="DIR",
@@ -515,7 +665,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.runtime = 1.0 if args.quick else 5.0
     if args.runtime <= 0:
         p.error("--runtime must be positive")
+    if not args.no_pin and (os.cpu_count() or 1) <= max(CLIENT_CPU, DAEMON_CPU):
+        p.error(f"pinning needs CPUs {CLIENT_CPU} and {DAEMON_CPU}; use --no-pin")
     return args
+
+
+def qsd_config_text(file_opts: str | None, iothread: bool) -> str:
+    """What qsd ran, for the output: its best configuration."""
+    shape = (f"--object {IOTHREAD_OBJ} and the export's iothread=io0 (both queues of a 2-queue "
+             "export on it)" if iothread else "no iothread (--no-iothread)")
+    aio = f"; file: {file_opts}" if file_opts else ""
+    return f"qsd: {shape}{aio}; null-co: {NULL_BLOCKDEV}"
+
+
+def ours_config_text(file_opts: str | None, iothread: bool) -> str:
+    shape = (f"--object {IOTHREAD_OBJ} and the export's iothread=io0, as qsd" if iothread
+             else "no iothread (--no-iothread)")
+    aio = f"; file: {file_opts}" if file_opts else ""
+    return (f"ours: {shape}{aio}; -poll0: --object {POLL0_OBJ}; -iothreads: one iothread per "
+            "queue; -python: fast-path=off")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = all_cases()
     if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases)]
+        cases = [c for c in cases if any(re.search(s, c.name) for s in args.cases)]
         if not cases:
             raise SystemExit("benchmarks.run: --cases matched no case; names are: " +
                              ", ".join(c.name for c in all_cases()))
@@ -547,8 +715,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="pyvhost-blk-bench-"))
     image = None
     notes: list[str] = list(args.note)
+    use_perf, perf_note = (False, "perf not used (--no-perf)") if args.no_perf else perf_status()
+    pinning = (None if args.no_pin else
+               f"client pinned to CPU {CLIENT_CPU}, daemon to CPU {DAEMON_CPU} (taskset -c)")
+    print("pinning: " + (pinning or "none (--no-pin)"), file=sys.stderr)
+    print("perf: " + perf_note, file=sys.stderr)
     results: list[dict] = []
     failures = 0
+    file_opts: dict[str, str] = {}
     try:
         blockdevs: dict[tuple[str, str], str] = {}
         if any(c.backend == "file" for c in cases):
@@ -582,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             runs: dict[str, list[dict]] = {s: [] for s in sides}
             for rep in range(args.pairs):
-                for side in sides:
+                # the order alternates: ours first, then qsd first, ...
+                for side in (sides if rep % 2 == 0 else sides[::-1]):
                     done += 1
                     if side in given_up:
                         runs[side].append({"side": side, "case": case.name, "rep": rep,
@@ -598,7 +773,9 @@ def main(argv: list[str] | None = None) -> int:
                           end="", file=sys.stderr, flush=True)
                     try:
                         r = run_once(side, cmds[side], blockdevs[(case.backend, side)], case,
-                                     client, workdir, args.runtime, args.client_poll, rep)
+                                     client, workdir, args.runtime, args.client_poll, rep,
+                                     pin=not args.no_pin, iothread=not args.no_iothread,
+                                     perf=use_perf)
                         start_failures[side] = 0
                     except BenchError as exc:
                         r = {"side": side, "case": case.name, "error": str(exc)}
@@ -620,7 +797,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f" FAILED: {r['error'].splitlines()[0]}", file=sys.stderr)
                     else:
                         busy = r.get("other_cpu_pct", 0.0)
-                        print(f" {r['iops']:.0f} IOPS, {r['lat_mean_us']:.1f} us"
+                        print(f" {r['iops']:.0f} IOPS, {r['lat_mean_us']:.1f} us, daemon "
+                              f"CPU {r.get('daemon_cpu_pct', 0):.0f}%, "
+                              f"{r.get('iops_per_cpu', 0):.0f} IOPS/CPU"
                               + (f" (other processes used {busy:.0f}% CPU!)"
                                  if busy > BUSY_OTHER_PCT else ""), file=sys.stderr)
             entry = {"case": case.name, "label": case.label,
@@ -632,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
             o, q = entry["ours"], entry["qsd"]
             entry["ratio_iops"] = (o["iops_median"] / q["iops_median"]
                                    if o and q and q["iops_median"] else None)
+            entry["ratio_iops_per_cpu"] = (
+                o["iops_per_cpu_median"] / q["iops_per_cpu_median"]
+                if o and q and o["iops_per_cpu_median"] and q["iops_per_cpu_median"] else None)
             results.append(entry)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -640,8 +822,14 @@ def main(argv: list[str] | None = None) -> int:
         if image is not None:
             image.unlink(missing_ok=True)
 
+    has_file = any(c.backend == "file" for c in cases)
+    configs = [qsd_config_text(file_opts.get("qsd") if has_file else None, not args.no_iothread),
+               ours_config_text(file_opts.get("ours") if has_file else None,
+                                not args.no_iothread)]
     print()
     print_table(results)
+    for line in (*configs, "pinning: " + (pinning or "none (--no-pin)"), "perf: " + perf_note):
+        print(line)
     for note in notes:
         print("note: " + note)
 
@@ -659,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
             "runtime_s": args.runtime,
             "pairs": args.pairs,
             "client_poll": args.client_poll,
+            "pinning": pinning,
+            "iothread": not args.no_iothread,
+            "configs": configs,
+            "perf": perf_note,
             "sides": sides,
             "commands": {s: cmds[s] for s in sides},
             "blockdev": {f"{b}/{s}": v for (b, s), v in blockdevs.items()} if results else {},

@@ -14,10 +14,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _side(iops: list[float], cpu: float, other: float = 3.0, failed: int = 0) -> dict[str, Any]:
-    """A per-side summary shaped like benchmarks.run.summarize()."""
+    """A per-side summary shaped like benchmarks.run.summarize(); a run's daemon used
+    `cpu` percent of a core, so IOPS per daemon CPU-second is iops * 100 / cpu."""
     s = sorted(iops)
+    per_cpu = sorted(round(v * 100 / cpu) for v in iops)
     return {"runs_ok": len(iops), "runs_failed": failed, "iops_median": s[len(s) // 2],
+            "iops_min": s[0], "iops_max": s[-1],
             "iops_all": [round(v) for v in iops], "lat_mean_us": 30.0,
+            "iops_per_cpu_median": per_cpu[len(per_cpu) // 2], "iops_per_cpu_all": per_cpu,
             "daemon_cpu_pct_mean": cpu, "client_cpu_pct_mean": 40.0,
             "other_cpu_pct_max": other}
 
@@ -55,6 +59,9 @@ def results() -> dict[str, Any]:
                  "runtime_s": 2.0, "pairs": 3, "sides": ["ours", "qsd"],
                  "command_line": "python -m benchmarks.run --pairs 3 --runtime 2",
                  "commands": {"ours": ["pyvhost-blk"], "qsd": ["qemu-storage-daemon"]},
+                 "pinning": "client pinned to CPU 0, daemon to CPU 1 (taskset -c)",
+                 "configs": ["qsd: --object iothread,id=io0 and the export's iothread=io0"],
+                 "perf": "perf not installed: no cycles per request",
                  "notes": []},
         "cases": [
             # medians 200K / 100K -> 2.00; pair ratios 1.5/1.0=..., see below
@@ -89,6 +96,11 @@ def test_rows_compute_medians_ratios_and_pairs(results: dict[str, Any]) -> None:
     mem = r["memory-randread-qd32-1q"]
     assert mem.ratio is None and mem.qsd is None and mem.pair_ratios == []
     assert mem.ours is not None and mem.ours.failed == 1 and mem.ours.runs == 2
+    # IOPS per daemon CPU-second: ours 200K at 80% -> 250K, qsd 100K at 95% -> 105.3K
+    assert null.ours.per_cpu == 250_000 and null.qsd.per_cpu == round(100_000 / 0.95)
+    assert (null.ours.per_cpu_lo, null.ours.per_cpu_hi) == (187_500, 325_000)
+    assert null.cpu_ratio == pytest.approx(250_000 / round(100_000 / 0.95))
+    assert mem.cpu_ratio is None
 
 
 def test_markdown_table(results: dict[str, Any]) -> None:
@@ -96,18 +108,22 @@ def test_markdown_table(results: dict[str, Any]) -> None:
     rows = _table_rows(md)
     assert set(rows) == {"null-randread-qd32-1q", "file-randread-qd1-1q",
                          "memory-randread-qd32-1q"}
-    # case | ours | qsd | ratio | ours spread | qsd spread | pair ratios | CPU | others
-    assert rows["null-randread-qd32-1q"][1:8] == [
+    # case | ours | qsd | ratio | ours spread | qsd spread | pair ratios | CPU
+    # | ours IOPS/CPU | qsd IOPS/CPU | IOPS/CPU ratio | others
+    assert rows["null-randread-qd32-1q"][1:11] == [
         "200.0K", "100.0K", "**2.00**", "150.0K–260.0K (n=3)", "90.0K–130.0K (n=3)",
-        "1.50–2.22", "80/95"]
+        "1.50–2.22", "80/95", "250.0K", "105.3K", "**2.38**"]
     assert rows["file-randread-qd1-1q"][1:4] == ["30.0K", "40.0K", "**0.75**"]
-    assert rows["file-randread-qd1-1q"][8] == "60 *busy*"
+    assert rows["file-randread-qd1-1q"][11] == "60 *busy*"
     mem = rows["memory-randread-qd32-1q"]
     assert mem[2:4] == ["-", "-"] and "(1 failed)" in mem[4]
     assert "![median IOPS per case, ours vs qsd](latest.png)" in md
     assert "`python -m benchmarks.run --pairs 3 --runtime 2`" in md
     assert "host `benchhost`" in md and "Test CPU" in md and "2026-01-02T03:04:05" in md
     assert "1 of 3 cases" in md  # the busy case is called out in the notes
+    assert "- CPU pinning: client pinned to CPU 0, daemon to CPU 1" in md
+    assert "- qsd: --object iothread,id=io0 and the export's iothread=io0" in md
+    assert "- perf: perf not installed" in md
 
 
 def test_png_and_markdown_files(results: dict[str, Any], tmp_path: pathlib.Path) -> None:
