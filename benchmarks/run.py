@@ -145,6 +145,9 @@ def all_cases() -> list[Case]:
         ]
     # Python code per request, compared with qsd's null-co: the general Python handler
     # (fast-path=off), and a driver written in Python (x-memory, batched).
+    # the same file under a raw format node with an offset, both sides (the graph's cost)
+    cases.append(Case("raw", "randread", 32, 1))
+    cases.append(Case("raw", "randwrite", 32, 1))
     cases.append(Case("null", "randread", 32, 1, variant="python"))
     cases.append(Case("memory", "randread", 32, 1))
     cases.append(Case("memory", "randwrite", 32, 1))
@@ -725,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     file_opts: dict[str, str] = {}
     try:
         blockdevs: dict[tuple[str, str], str] = {}
-        if any(c.backend == "file" for c in cases):
+        if any(c.backend in ("file", "raw") for c in cases):
             fd, name = tempfile.mkstemp(prefix="pyvhost-blk-bench-", suffix=".img",
                                         dir=args.image_dir)
             os.close(fd)
@@ -742,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
             for side in SIDES:
                 blockdevs[("file", side)] = (f"driver=file,filename={image},node-name=disk0,"
                                              f"{file_opts[side]}")
+                leaf = ",".join(f"file.{o}" for o in file_opts[side].split(",") if o)
+                blockdevs[("raw", side)] = (f"driver=raw,node-name=disk0,offset=1M,"
+                                            f"file.driver=file,file.filename={image},{leaf}")
         for side in SIDES:
             blockdevs[("null", side)] = NULL_BLOCKDEV
         # A driver written in Python (data in a bytearray, one Python call per batch of
@@ -822,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         if image is not None:
             image.unlink(missing_ok=True)
 
-    has_file = any(c.backend == "file" for c in cases)
+    has_file = any(c.backend in ("file", "raw") for c in cases)
     configs = [qsd_config_text(file_opts.get("qsd") if has_file else None, not args.no_iothread),
                ours_config_text(file_opts.get("ours") if has_file else None,
                                 not args.no_iothread)]
