@@ -746,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                 blockdevs[("file", side)] = (f"driver=file,filename={image},node-name=disk0,"
                                              f"{file_opts[side]}")
                 leaf = ",".join(f"file.{o}" for o in file_opts[side].split(",") if o)
-                blockdevs[("raw", side)] = (f"driver=raw,node-name=disk0,offset=1M,"
+                blockdevs[("raw", side)] = (f"driver=raw,node-name=disk0,offset={1 << 20},"
                                             f"file.driver=file,file.filename={image},{leaf}")
         for side in SIDES:
             blockdevs[("null", side)] = NULL_BLOCKDEV
