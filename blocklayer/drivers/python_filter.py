@@ -27,7 +27,6 @@ memory, valid until the callback finishes.  ``docs/plugins.md`` has the guide an
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Callable
@@ -44,8 +43,7 @@ from blocklayer.io import (
     bdrv_aio_pwritev,
 )
 from blocklayer.iov import IOVector
-from blocklayer.plugins import nbdkit
-from blocklayer.plugins.loader import describe, load_script
+from blocklayer.plugins.loader import Script, config_value
 from blocklayer.qapi import to_str
 from blocklayer.ratelimit import log_exception_limited
 
@@ -102,8 +100,7 @@ class Next:
 class PythonFilterDriver(FilterDriver):
     format_name = "python-filter"
     options = {"script": to_str}
-    other_option = staticmethod(
-        lambda v, name, from_json=False: v if isinstance(v, str) else str(v))
+    other_option = staticmethod(config_value)
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         super().__init__(node_name, opts)
@@ -112,33 +109,19 @@ class PythonFilterDriver(FilterDriver):
         self.script: str = opts["script"]
         from blocklayer.blockdev import COMMON_OPTIONS  # (import cycle at module level)
 
-        self.m = m = load_script(self.script, "filter")
+        self.s = Script(self.script, "filter")
+        self.m = m = self.s.m
         self._readonly = bool(opts.get("read-only", False))
-        for key, value in opts.items():
-            if key == "script" or key in COMMON_OPTIONS:
-                continue
-            if not callable(getattr(m, "config", None)):
-                raise BlockDriverError(
-                    f"Python filter '{self.script}' takes no parameters (got '{key}')")
-            self._setup("config", key, value)
-        self._setup("config_complete")
+        self.s.configure((k, v) for k, v in opts.items()
+                         if k != "script" and k not in COMMON_OPTIONS)
+        self.s.setup("config_complete")
         self.h: Any = None
         self.fns = {fn: getattr(m, fn) for fn in ("pread", "pwrite", "flush", "trim", "zero")
                     if callable(getattr(m, fn, None))}
 
-    def _setup(self, fn: str, *args: Any) -> Any:
-        f = getattr(self.m, fn, None)
-        if not callable(f):
-            return None
-        try:
-            return f(*args)
-        except BaseException as e:  # noqa: BLE001 - user code
-            raise BlockDriverError(
-                f"Python filter '{self.script}': {fn} failed: {describe(e)}") from None
-
     def attach(self, bs: BlockDriverState) -> None:
         super().attach(bs)
-        self.h = self._setup("open", Next(self.file, None), self._readonly)
+        self.h = self.s.setup("open", Next(self.file, None), self._readonly)
 
     def getlength(self) -> int:
         f = getattr(self.m, "get_size", None)
@@ -151,28 +134,15 @@ class PythonFilterDriver(FilterDriver):
             return super().getlength()
 
     def close(self) -> None:
-        for fn, args in (("close", (self.h,)), ("unload", ())):
-            f = getattr(self.m, fn, None)
-            if callable(f):
-                try:
-                    f(*args)
-                except BaseException:  # noqa: BLE001
-                    log_exception_limited(log, "Python filter '%s': %s failed", self.script, fn)
+        self.s.teardown((("close", (self.h,)), ("unload", ())))
 
     # -- running a callback (the request's AioContext) -------------------------------------------
-    def _errno(self, what: str, e: BaseException) -> int:
-        err = nbdkit.take_error()
-        if not err:
-            err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-        log_exception_limited(log, "Python filter '%s': %s failed", self.script, what)
-        return -err
-
     def _call(self, what: str, ctx: AioContext, cb: Completion, *args: Any) -> None:
         """Run the script's ``what`` with ``next`` first; drive it if it is a coroutine."""
         try:
             res = self.fns[what](Next(self.file, ctx), self.h, *args)
         except BaseException as e:  # noqa: BLE001 - user code: never lost, never raised on
-            cb(self._errno(what, e))
+            cb(self.s.fail(what, e))
             return
         if not hasattr(res, "send"):
             cb(0)
@@ -187,7 +157,7 @@ class PythonFilterDriver(FilterDriver):
                     cb(0)
                     return
                 except BaseException as e:  # noqa: BLE001
-                    cb(self._errno(what, e))
+                    cb(self.s.fail(what, e))
                     return
                 if not isinstance(io, _ChildIO):
                     value, exc = None, TypeError(

@@ -58,22 +58,12 @@ from blocklayer.bdrv import (
 )
 from blocklayer.iov import IOVector
 from blocklayer.plugins import nbdkit
-from blocklayer.plugins.loader import describe, load_script
-from blocklayer.qapi import KeyvalError, to_bool, to_str
-from blocklayer.ratelimit import log_exception_limited
+from blocklayer.plugins.loader import Script, config_value
+from blocklayer.qapi import to_bool, to_str
 from blocklayer.thread_pool import ThreadPool
 from vhost.ffi import ffi
 
 log = logging.getLogger("pyvhost_blk.plugin")
-
-
-def _config_value(v: Any, name: str, *, from_json: bool = False) -> str:
-    """A plugin's own option: a string, as on nbdkit's command line."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (str, int, float)):
-        return str(v)
-    raise KeyvalError(f"Parameter '{name}' expects a string, number or boolean")
 
 
 def _views(iov: Any, niov: int) -> list[memoryview]:
@@ -84,7 +74,7 @@ def _views(iov: Any, niov: int) -> list[memoryview]:
 class PythonPluginDriver(BlockDriver):
     format_name = "python"
     options = {"script": to_str, "blocking": to_bool}
-    other_option = staticmethod(_config_value)
+    other_option = staticmethod(config_value)
 
     def __init__(self, node_name: str, opts: dict[str, Any]) -> None:
         super().__init__(node_name, opts)
@@ -95,23 +85,20 @@ class PythonPluginDriver(BlockDriver):
         from blocklayer.blockdev import COMMON_OPTIONS  # (import cycle at module level)
 
         config = [(k, v) for k, v in opts.items() if k not in own and k not in COMMON_OPTIONS]
-        self.m = m = load_script(self.script, "plugin")
+        self.s = Script(self.script, "plugin")
+        self.m = m = self.s.m
         for fn in ("open", "get_size", "pread"):
             if not callable(getattr(m, fn, None)):
                 raise BlockDriverError(
                     f"Python plugin '{self.script}': the script defines no '{fn}' function")
         self.api = int(getattr(m, "API_VERSION", 1))
         readonly = bool(opts.get("read-only", False))
-        for key, value in config:
-            if not callable(getattr(m, "config", None)):
-                raise BlockDriverError(
-                    f"Python plugin '{self.script}' takes no parameters (got '{key}')")
-            self._setup("config", key, value)
+        self.s.configure(config)
         for fn in ("config_complete", "get_ready", "after_fork"):
-            self._setup(fn)
-        model = self._setup("thread_model", default=nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS)
-        self.h = self._setup("open", readonly)
-        self.size = int(self._setup("get_size", self.h))
+            self.s.setup(fn)
+        model = self.s.setup("thread_model", default=nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS)
+        self.h = self.s.setup("open", readonly)
+        self.size = int(self.s.setup("get_size", self.h))
         if self.size < 0:
             raise BlockDriverError(f"Python plugin '{self.script}': get_size returned "
                                    f"{self.size}")
@@ -132,20 +119,8 @@ class PythonPluginDriver(BlockDriver):
         self._bind()
 
     # -- open (main thread) -------------------------------------------------------------------
-    def _setup(self, fn: str, *args: Any, default: Any = None) -> Any:
-        """Call an optional set-up callback; a failure is the one line the user sees."""
-        f = getattr(self.m, fn, None)
-        if not callable(f):
-            return default
-        nbdkit.take_error()
-        try:
-            return f(*args)
-        except BaseException as e:  # noqa: BLE001 - user code
-            raise BlockDriverError(
-                f"Python plugin '{self.script}': {fn} failed: {describe(e)}") from None
-
     def _ask(self, fn: str, default: Any) -> Any:
-        return self._setup(fn, self.h, default=default)
+        return self.s.setup(fn, self.h, default=default)
 
     def _bind(self) -> None:
         """The per-request calls, with the API version and FUA mode folded in once."""
@@ -188,23 +163,9 @@ class PythonPluginDriver(BlockDriver):
         return (minimum if minimum > 0 and minimum & (minimum - 1) == 0 else 1), 1
 
     def close(self) -> None:
-        for fn, args in (("close", (self.h,)), ("cleanup", ()), ("unload", ())):
-            f = getattr(self.m, fn, None)
-            if callable(f):
-                try:
-                    f(*args)
-                except BaseException:  # noqa: BLE001 - user code, at shutdown
-                    log_exception_limited(log, "Python plugin '%s': %s failed", self.script, fn)
+        self.s.teardown((("close", (self.h,)), ("cleanup", ()), ("unload", ())))
 
     # -- one request (in the caller's thread) --------------------------------------------------
-    def _fail(self, what: str, e: BaseException) -> int:
-        """-errno for a callback that raised ``e``; logs it (call inside ``except``)."""
-        err = nbdkit.take_error()
-        if not err:
-            err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-        log_exception_limited(log, "Python plugin '%s': %s failed", self.script, what)
-        return -err
-
     def _flush_call(self) -> None:
         if self.can_flush:
             self.m.flush(self.h, 0) if self.api >= 2 else self.m.flush(self.h)
@@ -215,7 +176,7 @@ class PythonPluginDriver(BlockDriver):
             with self._lock:
                 return self._rw_locked(is_write, views, offset, flags)
         except BaseException as e:  # noqa: BLE001 - user code: never into C, never lost
-            return self._fail("pwrite" if is_write else "pread", e)
+            return self.s.fail("pwrite" if is_write else "pread", e)
 
     def _rw_locked(self, is_write: bool, views: list[memoryview], offset: int,
                    flags: int) -> int:
@@ -241,7 +202,7 @@ class PythonPluginDriver(BlockDriver):
                 self._flush_call()
             return 0
         except BaseException as e:  # noqa: BLE001
-            return self._fail("flush", e)
+            return self.s.fail("flush", e)
 
     def _trim(self, offset: int, nbytes: int) -> int:
         if not self.can_trim:
@@ -254,7 +215,7 @@ class PythonPluginDriver(BlockDriver):
                     self.m.trim(self.h, nbytes, offset)
             return 0
         except BaseException as e:  # noqa: BLE001
-            return self._fail("trim", e)
+            return self.s.fail("trim", e)
 
     def _zero(self, offset: int, nbytes: int, flags: int) -> int:
         if not self.can_zero:
@@ -273,7 +234,7 @@ class PythonPluginDriver(BlockDriver):
                     self._flush_call()
             return 0
         except BaseException as e:  # noqa: BLE001
-            err = self._fail("zero", e)
+            err = self.s.fail("zero", e)
             return -errno.ENOTSUP if err in (-errno.EOPNOTSUPP, -errno.ENOTSUP) else err
 
     def _run(self, ctx: AioContext, fn: Callable[[], int], cb: Completion) -> None:
@@ -329,7 +290,7 @@ class PythonPluginDriver(BlockDriver):
                     else:
                         rl[i] = -errno.ENOTSUP
                 except BaseException as e:  # noqa: BLE001 - user code: never into C
-                    rl[i] = self._fail("pwrite" if t == T_WRITE else
+                    rl[i] = self.s.fail("pwrite" if t == T_WRITE else
                                        "flush" if t == T_FLUSH else "pread", e)
         ret[0:n] = rl
 
