@@ -32,7 +32,6 @@
 #define DRV_NONE 0          /* nothing: every request goes to Python */
 #define DRV_NULL 1          /* null-co */
 #define DRV_FILE 2          /* a file through io_uring */
-#define DRV_PYBATCH 3       /* unused (kept so the numbers do not move): see PYVU_BATCH_* */
 #define DRV_FILE_LAIO 4     /* a file through Linux AIO (aio=native, O_DIRECT) */
 
 /* Accounting kinds (QEMU's BlockAcctType) and the latency histogram's size. */

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import struct
 import subprocess
 import time
@@ -18,20 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import DaemonProcess, blkio_client, run_client
+from tests.qemu_tools import qemu_img
 
 MIB = 1 << 20
 SIZE = 64 * MIB
-INSTALL = "install QEMU's tools: 'apt-get install qemu-utils' (qemu-img, qemu-io)"
-
-
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        pytest.fail(f"qemu-img not found: {INSTALL}")
-    p = subprocess.run([exe, *args], capture_output=True, text=True)
-    if check and p.returncode:
-        raise AssertionError(f"qemu-img {' '.join(args)}: {p.stdout}{p.stderr}")
-    return p
 
 
 def check_image(path: Path, leaks_ok: bool = False) -> dict:

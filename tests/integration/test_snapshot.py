@@ -17,20 +17,10 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.daemon import DaemonProcess, blkio_client, run_client
+from tests.qemu_tools import qemu_img
 
 MIB = 1 << 20
 SIZE = 64 * MIB
-INSTALL = "install QEMU's tools: 'apt-get install qemu-utils' (qemu-img)"
-
-
-def qemu_img(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        pytest.fail(f"qemu-img not found: {INSTALL}")
-    p = subprocess.run([exe, *args], capture_output=True, text=True)
-    if check and p.returncode:
-        raise AssertionError(f"qemu-img {' '.join(args)}: {p.stdout}{p.stderr}")
-    return p
 
 
 def _args(tmp_path: Path, blockdev: str) -> list[str]:
