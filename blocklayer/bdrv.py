@@ -129,7 +129,7 @@ class BlockDriver:
         first ``n`` bytes, ``0 < n <= nbytes`` (the rest may differ: ask again); ``n`` is 0
         only at or past the end of the node; or ``ret`` < 0 (an errno, ``n`` 0).  Called in
         ``ctx``; ``cb`` runs there, possibly before this returns.  Filters pass the question
-        to their child (``blocklayer/drivers/copy_on_read.py``: ``bdrv_aio_is_allocated``).
+        to their child (``FilterDriver``); callers use ``bdrv_aio_is_allocated`` (io.py).
         Default, for drivers without a backing chain: everything is allocated."""
         cb(1, nbytes)
 

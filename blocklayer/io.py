@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+from collections.abc import Callable
 
 from blocklayer.aio import AioContext
 from blocklayer.batch import T_FLUSH, T_READ, T_WRITE, UNSET, Batch
@@ -254,3 +255,15 @@ def bdrv_batch_each(bs: BlockDriverState, b: Batch, which: range | list[int] | N
             bdrv_aio_flush(bs, ctx, done)
         else:
             done(-errno.ENOTSUP)
+
+
+def bdrv_aio_is_allocated(bs: BlockDriverState, ctx: AioContext, offset: int, nbytes: int,
+                          cb: Callable[[int, int], None]) -> None:
+    """QEMU's bdrv_is_allocated on node ``bs``: ``cb(ret, n)`` as
+    ``BlockDriver.aio_is_allocated`` says, the range clamped to the node's length (``n`` 0
+    past its end); filters pass the question to their child (``FilterDriver``)."""
+    nbytes = min(nbytes, bs.bdrv_getlength() - offset)
+    if nbytes <= 0:
+        cb(0, 0)
+        return
+    bs.drv.aio_is_allocated(ctx, offset, nbytes, cb)

@@ -10,8 +10,8 @@ copied (QEMU's option, used by block-stream): what lies below BASE is read, neve
 
 Theory of operation
 -------------------
-**Allocation** comes from ``bdrv_aio_is_allocated`` below: the node's driver answers
-(``BlockDriver.aio_is_allocated``, QEMU's bdrv_is_allocated: qcow2 from its L2 tables, other
+**Allocation** comes from ``bdrv_aio_is_allocated`` (``blocklayer/io.py``): the node's driver
+answers (``BlockDriver.aio_is_allocated``, QEMU's bdrv_is_allocated: qcow2 from its L2 tables, other
 drivers "all allocated"), filters (``FilterDriver``: throttle, raw with its ``offset``...)
 pass the question down, as QEMU's filters' block status does.
 
@@ -73,6 +73,7 @@ from blocklayer.graph import (
     BLK_PERM_WRITE_UNCHANGED,
 )
 from blocklayer.io import (
+    bdrv_aio_is_allocated,
     bdrv_aio_pdiscard,
     bdrv_aio_preadv,
     bdrv_aio_pwrite_zeroes,
@@ -98,24 +99,6 @@ def _is_filter(bs: BlockDriverState) -> bool:
     status down too but is a format: it may be a backing node, or ``bottom``."""
     return isinstance(bs.drv, FilterDriver) and bs.drv.format_name != "raw" \
         and "file" in bs.children
-
-
-def bdrv_aio_is_allocated(bs: BlockDriverState, ctx: AioContext, offset: int, nbytes: int,
-                          cb: IsAllocatedCb) -> None:
-    """``cb(ret, n)`` as ``BlockDriver.aio_is_allocated`` says, for node ``bs``: its driver's
-    answer, through filters (``FilterDriver`` nodes, ``raw`` with its offset) that do not
-    answer themselves.  The range is clamped to the node's length (n 0 past its end)."""
-    while isinstance(bs.drv, FilterDriver) and "file" in bs.children and \
-            type(bs.drv).aio_is_allocated is FilterDriver.aio_is_allocated:
-        length = bs.bdrv_getlength()
-        nbytes = min(nbytes, length - offset)
-        offset += bs.drv.offset
-        bs = bs.children["file"].bs
-    nbytes = min(nbytes, bs.bdrv_getlength() - offset)
-    if nbytes <= 0:
-        cb(0, 0)
-        return
-    bs.drv.aio_is_allocated(ctx, offset, nbytes, cb)
 
 
 def _op_is_allocated(bs: BlockDriverState, offset: int, nbytes: int, out: list[int]) -> Op:

@@ -11,11 +11,14 @@ overrides ``aio_*`` and inherited it would be bypassed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from blocklayer.aio import AioContext
 from blocklayer.batch import UNSET, Batch
 from blocklayer.bdrv import BlockDriver, BlockDriverState, Completion, bdrv_truncate
 from blocklayer.io import (
     bdrv_aio_flush,
+    bdrv_aio_is_allocated,
     bdrv_aio_pdiscard,
     bdrv_aio_preadv,
     bdrv_aio_pwrite_zeroes,
@@ -56,6 +59,11 @@ class FilterDriver(BlockDriver):
     def aio_pwrite_zeroes(self, ctx: AioContext, offset: int, nbytes: int, flags: int,
                           cb: Completion) -> None:
         bdrv_aio_pwrite_zeroes(self.file, ctx, offset + self.offset, nbytes, flags, cb)
+
+    def aio_is_allocated(self, ctx: AioContext, offset: int, nbytes: int,
+                         cb: Callable[[int, int], None]) -> None:
+        """A filter holds no data of its own: its child's answer, shifted."""
+        bdrv_aio_is_allocated(self.file, ctx, offset + self.offset, nbytes, cb)
 
     def batch_forward(self, b: Batch) -> None:
         """Pass the batch to the child, shifted by ``offset``.  In ``b.ctx``."""

@@ -31,8 +31,9 @@ from blocklayer.block_backend import (
     blk_unref,
 )
 from blocklayer.blockdev import blockdev_add
-from blocklayer.drivers.copy_on_read import COPY, WRITE, bdrv_aio_is_allocated
+from blocklayer.drivers.copy_on_read import COPY, WRITE
 from blocklayer.graph import BLK_PERM_WRITE_UNCHANGED
+from blocklayer.io import bdrv_aio_is_allocated
 from blocklayer.iov import IOVector
 from tests.unit.conftest import run_until, unique
 from tests.unit.test_qcow2 import _tool, _wait, check_clean, create, qemu_img, qemu_io, read
