@@ -44,9 +44,9 @@ read-only child is refused when the node opens (QEMU refuses WRITE_UNCHANGED on 
 node; the graph here only checks WRITE).
 
 Each request runs in its caller's AioContext, as a generator coroutine of
-``blocklayer/qcow2/co.py`` (the block layer's generic coroutine runner; it lives with the
-qcow2 driver, its first user).  The filter has no ``batch_io``: every request of a batch comes
-through the ``aio_*`` callbacks.
+``blocklayer/coroutine.py`` (the block layer's generic coroutine runner, shared with
+qcow2).  The filter has no ``batch_io``: every request of a batch comes through the ``aio_*``
+callbacks.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from blocklayer.bdrv import (
     bdrv_register,
     bdrv_unref,
 )
+from blocklayer.coroutine import Co, Op, co_start
 from blocklayer.drivers.filter import FilterDriver
 from blocklayer.graph import (
     BLK_PERM_ALL,
@@ -81,7 +82,6 @@ from blocklayer.io import (
 )
 from blocklayer.iov import IOVector
 from blocklayer.qapi import to_str
-from blocklayer.qcow2.co import Co, Op, co_start
 from vhost.ffi import ffi, lib
 
 PERM_PASSTHROUGH = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE

@@ -23,7 +23,7 @@ and a write to a cluster whose subclusters are not all allocated rewrites the wh
 ``aio_is_allocated`` (QEMU's bdrv_is_allocated, which the copy-on-read filter asks) answers
 from the same lookups: every kind but unallocated is this image's own.
 
-**Requests** are generator coroutines (``blocklayer/qcow2/co.py``) running in the caller's
+**Requests** are generator coroutines (``blocklayer/coroutine.py``) running in the caller's
 AioContext; all I/O goes through ``blocklayer/io.py`` on the child nodes.  A read of mapped data
 looks up a cached L2 table without any lock; only a cache miss takes the node's metadata mutex.
 A write to an allocated, COPIED cluster is written in place, also without the mutex.
@@ -80,6 +80,7 @@ Write-zeroes on v2 images falls back to writing zeroes; shrinking is refused.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import time
@@ -98,6 +99,7 @@ from blocklayer.bdrv import (
     bdrv_register,
     bdrv_unref,
 )
+from blocklayer.coroutine import CoMutex, Op, RangeLock, co_run_sync, co_start
 from blocklayer.graph import (
     BLK_PERM_CONSISTENT_READ,
     BLK_PERM_RESIZE,
@@ -117,9 +119,10 @@ from blocklayer.iov import IOVector
 from blocklayer.qapi import to_int, to_size
 from blocklayer.qcow2 import header as hdr
 from blocklayer.qcow2.cache import MetaCache
-from blocklayer.qcow2.co import CoMutex, Op, RangeLock, co_run_sync, co_start, log
 from blocklayer.qcow2.compress import decompress_cluster
 from vhost.ffi import ffi, lib
+
+log = logging.getLogger("pyvhost_blk.qcow2")
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1 and standard L2 entries: bits 9-55
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00

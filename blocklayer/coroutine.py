@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-The block layer is callback-based: every ``bdrv_aio_*`` call takes ``cb(ret)``.  A qcow2
-request is a sequence of such calls (look up an L2 table, read the rest of a cluster, write the
-data, update the L2 entry...), which is unreadable as nested callbacks.  Here a request is a
+The block layer is callback-based: every ``bdrv_aio_*`` call takes ``cb(ret)``.  A request of
+a format or filter that needs several steps (qcow2, copy-on-read) is a sequence of such calls
+(look up an L2 table, read the rest of a cluster, write the data, update the L2 entry, copy
+up...), which is unreadable as nested callbacks.  Here a request is a
 *generator*: it ``yield``s an **op** — a callable ``op(ctx, resume)`` that starts something
 asynchronous and eventually calls ``resume(ret)`` — and receives ``ret`` back as the value of
 the ``yield`` (a negative ``ret`` is raised inside the generator as ``OSError(-ret)``).
@@ -33,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
-log = logging.getLogger("pyvhost_blk.qcow2")
+log = logging.getLogger("pyvhost_blk.coroutine")
 
 Resume = Callable[[int], None]
 Op = Callable[[Any, Resume], None]
