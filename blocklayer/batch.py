@@ -2,23 +2,29 @@
 
 Theory of operation
 -------------------
-The C queue loop (``vhost/csrc/virtio_blk_queue.c``) parses and checks every well-formed read,
-write and flush (range, writable, alignment, in flight, accounting, write-through →
-BDRV_REQ_FUA).  What the C engines cannot serve end to end — a node only Python implements, a
-filter in the graph, the C path switched off — waits on the queue's batch list.  The device
-takes it into a ``Batch`` (parallel C arrays, no object per request) and hands it to the root
-node with ``bdrv_batch`` (``blocklayer/io.py``), which gives it to the driver's ``batch_io``
-or, for a driver without one, submits each request through the driver's ``aio_*`` callbacks.
+The C queue loop (``vhost/csrc/virtio_blk_queue.c``) parses and checks every request (range,
+writable, DISCARD / WRITE_ZEROES' segment, in flight, accounting, write-through →
+BDRV_REQ_FUA) and answers what needs no node (GET_ID, invalid, unsupported, malformed).  What
+the C engines cannot serve end to end — a node only Python implements, a filter in the graph,
+the C path switched off, a discard or write-zeroes, a request misaligned for the node, no
+medium — waits on the queue's batch list.  The device takes it into a ``Batch`` (parallel C
+arrays, no object per request) and hands it to the root node with ``bdrv_batch``
+(``blocklayer/io.py``), which gives the driver's ``batch_io`` the types it declares
+(``batch_types``, by default reads, writes and flushes) and serves every other request one by
+one through the node's rules (``bdrv_batch_each``).
 
-Per request ``i`` (``0 <= i < n``): ``types[i]`` (T_READ / T_WRITE / T_FLUSH), ``flags[i]``
-(BDRV_REQ_FUA), ``offsets[i]`` and ``lengths[i]`` in bytes, ``iovs[i]``/``niovs[i]`` the data
-buffers (guest memory, valid until the request completes).  Whoever serves request ``i`` either
-sets ``ret[i]`` to 0 or -errno before returning, or takes it for later: ``defer(i)`` gives a
-completion to call with 0 or -errno (in this batch's AioContext), and ``lib.pyvu_fastq_submit``
-hands it back to a C engine.  Both leave ``ret[i] == PENDING``.  ``ret[i]`` starts as UNSET: a
-request nobody answered fails with EIO rather than hanging (a driver's bug never leaks one).
-``finish()`` hands the answered ones back to C, which accounts and pushes them; failures go to
-the error policy (rerror/werror) through the queue's failed list.
+Per request ``i`` (``0 <= i < n``): ``types[i]`` (T_READ / T_WRITE / T_FLUSH / T_DISCARD /
+T_WRITE_ZEROES), ``flags[i]`` (BDRV_REQ_FUA, BDRV_REQ_MAY_UNMAP, and EACH: serve it request by
+request, never through a ``batch_io``), ``offsets[i]`` and ``lengths[i]`` in bytes on the root
+node, ``iovs[i]``/``niovs[i]`` the data buffers (guest memory, valid until the request
+completes; none for a flush, discard or write-zeroes).  ``special`` counts the entries that are
+not plain reads, writes and flushes.  Whoever serves request ``i`` either sets ``ret[i]`` to 0
+or -errno before returning, or takes it for later: ``defer(i)`` gives a completion to call with
+0 or -errno (in this batch's AioContext), and ``lib.pyvu_fastq_submit`` hands it back to a C
+engine.  Both leave ``ret[i] == PENDING``.  ``ret[i]`` starts as UNSET: a request nobody
+answered fails with EIO rather than hanging (a driver's bug never leaks one).  ``finish()``
+hands the answered ones back to C, which accounts and pushes them; failures go to the error
+policy (rerror/werror) through the queue's failed list.
 
 Runs in the queue's AioContext; a Batch belongs to one queue and is reused for its next batch.
 """
@@ -33,6 +39,10 @@ from vhost.ffi import ffi, lib
 
 # virtio-blk's request types (vhost/pyvu.h)
 T_READ, T_WRITE, T_FLUSH = lib.VIRTIO_BLK_T_IN, lib.VIRTIO_BLK_T_OUT, lib.VIRTIO_BLK_T_FLUSH
+T_DISCARD, T_WRITE_ZEROES = lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES
+#: what a driver's ``batch_io`` takes unless its class says otherwise (``batch_types``)
+BATCH_TYPES = frozenset((T_READ, T_WRITE, T_FLUSH))
+EACH = lib.PYVU_BATCH_EACH
 PENDING = lib.PYVU_BATCH_PENDING
 UNSET = lib.PYVU_BATCH_UNSET
 
@@ -55,6 +65,7 @@ class Batch:
         self.iovs = ffi.new("struct iovec *[]", m)
         self.niovs = ffi.new("unsigned[]", m)
         self.ret = ffi.new("int[]", m)
+        self._special = ffi.new("int *")
         self.n = 0
         self._serving = 0  # generation of the batch being served (0: none)
         self._gen = 0
@@ -63,10 +74,15 @@ class Batch:
         """Fill the arrays with up to MAX requests of the queue's batch list."""
         self.n = lib.pyvu_fastq_take_batch(self.cq, self.handles, self.types, self.flags,
                                            self.offsets, self.lengths, self.iovs, self.niovs,
-                                           self.ret, self.MAX)
+                                           self.ret, self._special, self.MAX)
         self._gen += 1
         self._serving = self._gen
         return self.n
+
+    @property
+    def special(self) -> int:
+        """How many requests are not plain reads, writes and flushes (C counted them)."""
+        return self._special[0]
 
     def finish(self) -> None:
         """Hand every answered request back to C (accounted, pushed, or failed)."""

@@ -23,10 +23,15 @@ every node are applied here once:
   driver cannot do, or an unaligned one, is written as zeroed buffers
   (bdrv_co_do_pwrite_zeroes' fallback).
 
-* **Batches.**  ``bdrv_batch`` gives a batch of parsed reads, writes and flushes
-  (``blocklayer/batch.py``) to the driver's ``batch_io`` when the node has one and none of the
-  rules above needs a look at a request; otherwise, and for the requests that need one
-  (misaligned for this node), each goes through the per-request functions below.
+* **Batches.**  ``bdrv_batch`` gives a batch of parsed requests (``blocklayer/batch.py``) to
+  the driver's ``batch_io`` when the node has one and none of the rules above needs a look at
+  a request.  The requests that need one go through the per-request functions below first
+  (``bdrv_batch_each``): every request on a node with ``detect-zeroes`` or without
+  ``batch_io``, and otherwise each request of a type the driver's ``batch_io`` does not take
+  (``batch_types``; by default only reads, writes and flushes: a discard or write-zeroes always
+  meets the discard policy and the fallback above), misaligned for this node, or marked EACH by
+  C (misaligned for the root, or the redo of a request a C engine could not finish).  This is
+  the one place that decides it: a ``batch_io`` only ever sees what it declared.
 
 Each function runs in the caller's AioContext, and ``cb(ret)`` runs there too (0 or -errno).
 """
@@ -38,7 +43,17 @@ import mmap
 from collections.abc import Callable
 
 from blocklayer.aio import AioContext
-from blocklayer.batch import T_FLUSH, T_READ, T_WRITE, UNSET, Batch
+from blocklayer.batch import (
+    BATCH_TYPES,
+    EACH,
+    T_DISCARD,
+    T_FLUSH,
+    T_READ,
+    T_WRITE,
+    T_WRITE_ZEROES,
+    UNSET,
+    Batch,
+)
 from blocklayer.bdrv import BDRV_REQ_MAY_UNMAP, BlockDriverState, Completion
 from blocklayer.iov import IOVector
 from vhost.ffi import ffi, lib
@@ -221,18 +236,22 @@ def _write_zero_buffers(bs: BlockDriverState, ctx: AioContext, offset: int, nbyt
 
 def bdrv_batch(bs: BlockDriverState, b: Batch) -> None:
     """Serve the batch's requests not yet taken (``ret[i] == UNSET``) on node ``bs``: its
-    driver's ``batch_io`` if it has one, else one by one through ``bdrv_aio_*``.  In
-    ``b.ctx``.  Each request ends answered (``ret[i]``) or taken (PENDING), as batch.py says."""
-    batch_io = bs.drv.batch_io
+    driver's ``batch_io`` for those it takes as they are, the others one by one through
+    ``bdrv_aio_*`` (the module docstring says which).  In ``b.ctx``.  Each request ends
+    answered (``ret[i]``) or taken (PENDING), as batch.py says."""
+    drv = bs.drv
+    batch_io = drv.batch_io
     if batch_io is None or bs.detect_zeroes != "off":
         bdrv_batch_each(bs, b)
         return
-    a = bs.request_alignment
-    if a > 1:
-        # The queue checked alignment against the root; a filter's offset may have moved
-        # requests off this node's alignment: those take the padding path.
-        offs, ret, mask = b.offsets, b.ret, a - 1
-        odd = [i for i in range(b.n) if offs[i] & mask and ret[i] == UNSET]
+    mask = bs.request_alignment - 1
+    if b.special or mask:
+        taken = getattr(drv, "batch_types", BATCH_TYPES)
+        types, flags, offs, lens, ret = b.types, b.flags, b.offsets, b.lengths, b.ret
+        # C checked alignment against the root; a filter's offset may have moved requests
+        # off this node's alignment: those take the padding path too.
+        odd = [i for i in range(b.n) if ret[i] == UNSET and (
+            flags[i] & EACH or types[i] not in taken or (offs[i] | lens[i]) & mask)]
         if odd:
             bdrv_batch_each(bs, b, odd)
     batch_io(b)
@@ -250,9 +269,14 @@ def bdrv_batch_each(bs: BlockDriverState, b: Batch, which: range | list[int] | N
         if t == T_READ:
             bdrv_aio_preadv(bs, ctx, b.offsets[i], b.qiov(i), done)
         elif t == T_WRITE:
-            bdrv_aio_pwritev(bs, ctx, b.offsets[i], b.qiov(i), b.flags[i], done)
+            bdrv_aio_pwritev(bs, ctx, b.offsets[i], b.qiov(i), b.flags[i] & ~EACH, done)
         elif t == T_FLUSH:
             bdrv_aio_flush(bs, ctx, done)
+        elif t == T_DISCARD:
+            bdrv_aio_pdiscard(bs, ctx, b.offsets[i], b.lengths[i], done)
+        elif t == T_WRITE_ZEROES:
+            bdrv_aio_pwrite_zeroes(bs, ctx, b.offsets[i], b.lengths[i], b.flags[i] & ~EACH,
+                                   done)
         else:
             done(-errno.ENOTSUP)
 

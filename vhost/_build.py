@@ -218,13 +218,15 @@ int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, int *err,
 void pyvu_fastq_reported_done(struct pyvu_fastq *q);
 int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, int *flags,
                           uint64_t *offset, uint64_t *bytes, struct iovec **iov, unsigned *niov,
-                          int *ret, int max);
+                          int *ret, int *special, int max);
 int pyvu_fastq_batch_done(struct pyvu_fastq *q, void **handles, int *ret, int n);
 void pyvu_fastq_req_done(struct pyvu_fastq *q, void *handle, int ret);
 void pyvu_fastq_flush(struct pyvu_fastq *q);
 int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **handles, uint64_t *offset,
                       int *ret, int n);
 void pyvu_fastq_python_done(struct pyvu_fastq *q, int n);
+void pyvu_fastq_resubmit(struct pyvu_fastq *q, VuVirtqElement *e, int each);
+void pyvu_fastq_fail_done(struct pyvu_fastq *q, VuVirtqElement *e, int status);
 
 /* csrc/rbd_engine.c */
 struct pyvu_rbd { struct pyvu_chandler h; int efd; int64_t inflight; ...; };

@@ -63,15 +63,28 @@
 #define VIRTIO_BLK_S_IOERR 1
 #define VIRTIO_BLK_S_UNSUPP 2
 #define VIRTIO_BLK_OUTHDR_SIZE 16
+#define VIRTIO_BLK_ID_BYTES 20          /* GET_ID: the serial, zero padded */
+
+/* DISCARD / WRITE_ZEROES: one struct virtio_blk_discard_write_zeroes (le64 sector, le32
+ * num_sectors, le32 flags) per request, its one flag, and the most sectors one request may
+ * cover (what QEMU's vhost-user-blk export advertises in the config space). */
+#define VIRTIO_BLK_DWZ_SIZE 16
+#define VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP 1
+#define VHOST_USER_BLK_MAX_DISCARD_SECTORS 32768
+#define VHOST_USER_BLK_MAX_WRITE_ZEROES_SECTORS 32768
 
 /* A batch of parsed requests handed to Python (blocklayer/batch.py) carries virtio-blk request
- * types, per-request flags (QEMU's BDRV_REQ_* values), the "completed later" mark a driver
- * leaves in ret[i] (C then leaves the request alone until Python completes it), and the mark
- * ret[i] starts with. */
+ * types (IN, OUT, FLUSH, DISCARD, WRITE_ZEROES), per-request flags (QEMU's BDRV_REQ_* values),
+ * the "completed later" mark a driver leaves in ret[i] (C then leaves the request alone until
+ * Python completes it), and the mark ret[i] starts with. */
 #define PYVU_BATCH_PENDING 1
 #define PYVU_BATCH_UNSET 2  /* nobody answered: fails with EIO rather than hanging */
 #define BDRV_REQ_MAY_UNMAP 4
 #define BDRV_REQ_FUA 16
+/* Not a BDRV_REQ_ flag: a batch entry to serve request by request (blocklayer/io.py
+ * bdrv_batch_each, the node's padding and fallbacks), never through a driver's batch_io: a
+ * request misaligned for the root node, or the redo of one a C engine could not finish. */
+#define PYVU_BATCH_EACH 1073741824
 
 /* The largest request in 512-byte sectors (QEMU's BDRV_REQUEST_MAX_SECTORS). */
 #define BDRV_REQUEST_MAX_SECTORS 4194303
@@ -100,6 +113,9 @@ struct pyvu_blkstate {
     int read_zeroes;            /* null-co */
     int no_flush;
     uint32_t lbs;               /* logical block size */
+    uint64_t malformed_ops;     /* requests without a header or a status byte */
+    char serial[VIRTIO_BLK_ID_BYTES];   /* GET_ID's answer (not NUL terminated when full) */
+    int serial_len;
 };
 
 /* librbd's asynchronous C API, as pointers the rbd driver fills in (blocklayer/ceph.py loads

@@ -1,4 +1,4 @@
-"""The vhost-user-blk export: VuServer + VirtioBlkHandler + BlockBackend (QEMU's
+"""The vhost-user-blk export: VuServer + BlockBackend (QEMU's
 block/export/vhost-user-blk-server.c), wired to the block layer through BlockDevOps.
 
 Theory of operation
@@ -20,17 +20,23 @@ write-unchanged, but **not write** unless ``share-rw=on`` — a second writer co
 disk, so this is stricter than qemu-storage-daemon's exports (which share everything) and the
 same as QEMU's guest devices.  The file driver turns this into image locks.
 
-Error policy: ``rerror``/``werror`` (report, ignore, enospc, stop).  On *stop* the failed request
-is kept, the export's queues pause (QEMU stops the VM; a daemon stops the export) and
-BLOCK_IO_ERROR is sent; ``resume_after_error()`` (QMP ``cont``) retries the kept requests and
-resumes the queues.
+Requests: the C queue loop (``vhost/csrc/virtio_blk_queue.c``) parses, checks and answers every
+virtio-blk request itself (the serial for GET_ID is in the BlockBackend's C state); the export
+serves the node graph's share a batch at a time (``serve_batch``) and decides what a failed
+request becomes (``handle_failed``).  No request is parsed in Python.
+
+Error policy (QEMU's virtio_blk_handle_rw_error): ``rerror``/``werror`` (report, ignore, enospc,
+stop) for reads, writes, flushes and write-zeroes; a failed discard is reported (IOERR).  On
+*stop* the failed request is kept, the export's queues pause (QEMU stops the VM; a daemon stops
+the export) and BLOCK_IO_ERROR is sent; ``resume_after_error()`` (QMP ``cont``) runs the kept
+requests through C again from the start (``pyvu_fastq_resubmit``) and resumes the queues.
 
 Queues map onto AioContexts: no iothread → the main loop; ``iothread=io0`` → all in io0; a list
 → queue *i* in ``iothreads[i % len]``.  ``set_aio_context`` (``x-blockdev-set-iothread``) moves
 a single-context export; one spread over several iothreads refuses.
 
-Threads: management methods run in the main thread; ``handle_request`` and completions run in
-the queue's AioContext.
+Threads: management methods run in the main thread; ``serve_batch``, ``handle_failed`` and
+completions run in the queue's AioContext.
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ from blocklayer.block_backend import (
     BLK_PERM_WRITE_UNCHANGED,
     BlockBackend,
     BlockdevOnError,
+    BlockErrorAction,
     blk_attach_dev,
+    blk_error_action,
+    blk_get_error_action,
     blk_get_stats,
     blk_insert_bs,
     blk_iostatus_enable,
@@ -71,17 +80,16 @@ from blocklayer.dev_ops import BlockDevOps
 from blocklayer.io import bdrv_batch
 from blocklayer.io_uring import laio_get, luring_get
 from blocklayer.ratelimit import log_exception_limited
-from vhost.ffi import ffi
+from vhost.ffi import ffi, lib
 from vhost.server import VuQueue, VuServer
 from virtio.blk_config import WCE_OFFSET, VirtioBlkConfig
-from virtio.blk_handler import (
-    ABANDONED,
-    MALFORMED,
-    MAX_DISCARD_SECTORS,
-    MAX_WRITE_ZEROES_SECTORS,
-    VirtioBlkHandler,
+from virtio.constants import (
+    VIRTIO_BLK_ID_BYTES,
+    VhostUserProtocolFeature,
+    VirtioBlkStatus,
+    VirtioBlkType,
+    VirtioFeature,
 )
-from virtio.constants import VhostUserProtocolFeature, VirtioBlkType, VirtioFeature
 
 log = logging.getLogger("pyvhost_blk.export")
 
@@ -142,10 +150,10 @@ class VhostUserBlkExport:
         self.inflight = inflight
         self.tray_open = False
         self._batch: dict[VuQueue, Batch] = {}  # one per queue, reused
-        self.handler = VirtioBlkHandler(self.blk, serial, logical_block_size, writable,
-                                        on_stop=self._stop_on_error)
+        ident = serial.encode()[:VIRTIO_BLK_ID_BYTES]  # GET_ID's answer, given by C
+        ffi.memmove(self.blk.c.serial, ident, len(ident))
+        self.blk.c.serial_len = len(ident)
         self.features = 0
-        self.malformed = 0
         self.server: VuServer | None = None
         self.shutting_down = False
         self._stopped = False  # paused by an error policy, waiting for resume_after_error
@@ -286,10 +294,10 @@ class VhostUserBlkExport:
             opt_io_size=1,
             wce=1 if self.blk.enable_write_cache else 0,
             num_queues=self.num_queues,
-            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_sectors=lib.VHOST_USER_BLK_MAX_DISCARD_SECTORS,
             max_discard_seg=1,
             discard_sector_alignment=self.logical_block_size >> 9,
-            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS,
+            max_write_zeroes_sectors=lib.VHOST_USER_BLK_MAX_WRITE_ZEROES_SECTORS,
             max_write_zeroes_seg=1,
             write_zeroes_may_unmap=1,
         )
@@ -333,7 +341,7 @@ class VhostUserBlkExport:
             b.take()
             root = self.blk.root
             try:
-                if root is None:
+                if root is None or not blk_is_available(self.blk):
                     b.fail_unanswered(-errno.ENOMEDIUM)
                 else:
                     bdrv_batch(root, b)
@@ -343,40 +351,39 @@ class VhostUserBlkExport:
             b.finish()
 
     def handle_failed(self, queue: VuQueue, elem: Any, err: int, rtype: int) -> None:
-        """A request the C path served failed with ``err`` (-errno): apply the error policy
-        here, like any Python request.  In the queue's AioContext."""
-        if err == -errno.EAGAIN:  # a short read at the end of the image: let Python redo it
-            self.handle_request(queue, elem)
+        """A request failed with ``err`` (-errno) on either path: apply the error policy.
+        -EAGAIN is no error: an engine could not finish it (a short read at the end of the
+        image, a full Linux AIO context), so it runs again through the node graph, request by
+        request.  In the queue's AioContext."""
+        if err == -errno.EAGAIN:
+            self._resubmit(queue, elem, each=True)
             return
-        last = elem.in_sg[elem.in_num - 1]
-        in_len = 1
-        if rtype == VirtioBlkType.IN:
-            in_len = sum(elem.in_sg[i].iov_len for i in range(elem.in_num))
+        if rtype == VirtioBlkType.DISCARD:  # advisory: reported, never stops the export
+            lib.pyvu_fastq_fail_done(queue.cq, elem, VirtioBlkStatus.IOERR)
+            return
+        self._handle_rw_error(queue, elem, err, rtype == VirtioBlkType.IN)
 
-        def done(status: int) -> None:
-            if status == ABANDONED:
-                queue.abandon(elem)
-                return
-            ffi.cast("uint8_t *", last.iov_base)[last.iov_len - 1] = status
-            queue.complete(elem, in_len)
+    def _handle_rw_error(self, queue: VuQueue, elem: Any, err: int, is_read: bool) -> None:
+        """virtio_blk_handle_rw_error: rerror/werror decide between an IOERR, an OK, and
+        keeping the request until ``resume_after_error`` (stop)."""
+        error = -err
+        action = blk_get_error_action(self.blk, is_read, error)
+        blk_error_action(self.blk, action, is_read, error)
+        if action == BlockErrorAction.STOP:
+            self._stop_on_error(lambda: self._resubmit(queue, elem),
+                                lambda: queue.abandon(elem))
+            return
+        status = VirtioBlkStatus.OK if action == BlockErrorAction.IGNORE else VirtioBlkStatus.IOERR
+        lib.pyvu_fastq_fail_done(queue.cq, elem, status)
 
-        self.handler.handle_error(err, rtype == VirtioBlkType.IN,
-                                  lambda: self.handle_request(queue, elem), done)
-
-    def handle_request(self, queue: VuQueue, elem: Any) -> None:
-        def done(status: int, in_len: int) -> None:
-            if status == ABANDONED:
-                queue.abandon(elem)
-                return
-            if status == MALFORMED:
-                self.malformed += 1
-                queue.complete(elem, 0)
-                return
-            last = elem.in_sg[elem.in_num - 1]
-            ffi.cast("uint8_t *", last.iov_base)[last.iov_len - 1] = status
-            queue.complete(elem, in_len)
-
-        self.handler.process_req(elem.out_sg, elem.out_num, elem.in_sg, elem.in_num, done)
+    def _resubmit(self, queue: VuQueue, elem: Any, each: bool = False) -> None:
+        """Run a failed request through C again from the start (parsed and checked as if just
+        popped); serve what that put on the batch list.  In the queue's AioContext."""
+        lib.pyvu_fastq_resubmit(queue.cq, elem, int(each))
+        if queue.cq.nbatch:
+            self.serve_batch(queue)
+        if queue.cq.nfailed:
+            queue.schedule_c_flush()  # hands the failed list to handle_failed
 
     # -- management (main thread) -------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -401,7 +408,7 @@ class VhostUserBlkExport:
 
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = {"id": self.id, "node-name": self.node_name,
-                             "malformed-requests": self.malformed,
+                             "malformed-requests": self.blk.c.malformed_ops,
                              "fast-path": not self.blk.c.force_slow,
                              "fast-path-requests": self.blk.c.fast_ops,
                              "batch-requests": self.blk.c.batch_ops}

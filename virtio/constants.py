@@ -1,7 +1,8 @@
 """virtio / virtio-blk constants (from the virtio 1.2 specification).
 
-Request types, statuses and the header size are shared with the C request path: they come from
-``vhost/pyvu.h`` (``lib.VIRTIO_BLK_*``), never retyped here.
+Request types, statuses, the header size and the GET_ID size are shared with the C request path
+(which parses every request): they come from ``vhost/pyvu.h`` (``lib.VIRTIO_BLK_*``), never
+retyped here.
 """
 
 from __future__ import annotations
@@ -59,7 +60,5 @@ class VhostUserProtocolFeature(IntFlag):
     INFLIGHT_SHMFD = 1 << 12
 
 
-VIRTIO_BLK_SECTOR_BITS = 9
-VIRTIO_BLK_SECTOR_SIZE = 512
-VIRTIO_BLK_ID_BYTES = 20
+VIRTIO_BLK_ID_BYTES = lib.VIRTIO_BLK_ID_BYTES
 VIRTIO_BLK_OUTHDR_SIZE = lib.VIRTIO_BLK_OUTHDR_SIZE

@@ -1,4 +1,5 @@
-"""virtio-blk config space, feature negotiation and the export's request path (no socket)."""
+"""virtio-blk config space, feature negotiation, and a few requests through the export's real
+request path (an in-process vhost-user connection)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 
 from blocklayer.bdrv import BlockDriverState
 from blocklayer.block_backend import blk_nb_sectors
-from tests.unit.conftest import Done, Sg, drain_bhs, outhdr, run_until
+from tests.frontend.vhost_user import POISON, STATUS_UNSET
+from tests.unit.conftest import drain_bhs, outhdr
 from virtio.blk_config import CONFIG_SIZE, WCE_OFFSET, VirtioBlkConfig
 from virtio.blk_export import DEFAULT_SERIAL, VIRTQUEUE_MAX_SIZE, VhostUserBlkExport
-from virtio.blk_handler import MALFORMED
 from virtio.constants import VirtioBlkStatus, VirtioBlkType, VirtioFeature
 
 # -- VirtioBlkConfig --------------------------------------------------------------------------
@@ -252,75 +253,45 @@ def test_export_holds_a_node_reference(make_export):
     assert exp.queue_context(0) is exp.queue_context(5)
 
 
-# -- handle_request: the status byte is written last, into the last in-iovec -------------------
-class FakeQueue:
-    def __init__(self) -> None:
-        self.completed: list[tuple[object, int]] = []
-
-    def complete(self, elem, in_len: int) -> None:
-        self.completed.append((elem, in_len))
-
-
-class FakeElem:
-    def __init__(self, out: Sg, inp: Sg) -> None:
-        self.out, self.inp = out, inp
-        self.out_sg, self.out_num = out.iov, out.num
-        self.in_sg, self.in_num = inp.iov, inp.num
-
-
-def test_handle_request_read_writes_status_last_byte(make_export):
-    exp = make_export()
-    q = FakeQueue()
-    elem = FakeElem(Sg([outhdr(int(VirtioBlkType.IN), 0)]), Sg([500, 12 + 1]))
-    exp.handle_request(q, elem)
-    assert q.completed == []
-    run_until(lambda: q.completed)
-    assert q.completed == [(elem, 513)]
+# -- requests through the C queue loop: the status byte is written last, into the last in-iovec --
+def test_read_writes_status_last_byte(make_export, make_rig):
+    rig = make_rig(make_export())
+    req = rig.submit([outhdr(int(VirtioBlkType.IN), 0)], [500, 12 + 1])
+    rig.wait(req)
+    assert req.used_len == 513
     # data in the first 512 bytes, the status in the last byte of the last in-iovec
-    assert elem.inp.data() == bytes(512) + bytes([int(VirtioBlkStatus.OK)])
+    assert req.in_bytes() == bytes(512) + bytes([int(VirtioBlkStatus.OK)])
 
 
-def test_handle_request_get_id_default_serial(make_export):
-    exp = make_export()
-    q = FakeQueue()
-    elem = FakeElem(Sg([outhdr(int(VirtioBlkType.GET_ID))]), Sg([21]))
-    exp.handle_request(q, elem)
-    run_until(lambda: q.completed)
+def test_get_id_default_serial(make_export, make_rig):
+    rig = make_rig(make_export())
+    req = rig.submit([outhdr(int(VirtioBlkType.GET_ID))], [21])
+    rig.wait(req)
     expect = DEFAULT_SERIAL.encode() + b"\0"
-    assert q.completed == [(elem, len(expect) + 1)]
-    data = elem.inp.chunk(0)
+    assert req.used_len == len(expect) + 1
+    data = req.in_bytes()
     assert data[: len(expect)] == expect
     assert data[-1] == int(VirtioBlkStatus.OK)
 
 
-def test_handle_request_unsupported(make_export):
+def test_unsupported(make_export, make_rig):
+    rig = make_rig(make_export())
+    assert rig.complete([outhdr(99)]) == (int(VirtioBlkStatus.UNSUPP), 1)
+
+
+def test_write_on_read_only_export(make_export, make_rig):
+    rig = make_rig(make_export(writable=False))
+    assert rig.complete([outhdr(int(VirtioBlkType.OUT)), bytes(512)]) == (
+        int(VirtioBlkStatus.IOERR), 1)
+
+
+def test_malformed_completes_with_nothing_written(make_export, make_rig):
     exp = make_export()
-    q = FakeQueue()
-    elem = FakeElem(Sg([outhdr(99)]), Sg([1]))
-    exp.handle_request(q, elem)
-    run_until(lambda: q.completed)
-    assert q.completed == [(elem, 1)]
-    assert elem.inp.chunk(0) == bytes([int(VirtioBlkStatus.UNSUPP)])
-
-
-def test_handle_request_write_on_read_only_export(make_export):
-    exp = make_export(writable=False)
-    q = FakeQueue()
-    elem = FakeElem(Sg([outhdr(int(VirtioBlkType.OUT)), bytes(512)]), Sg([1]))
-    exp.handle_request(q, elem)
-    run_until(lambda: q.completed)
-    assert q.completed == [(elem, 1)]
-    assert elem.inp.chunk(0) == bytes([int(VirtioBlkStatus.IOERR)])
-
-
-def test_handle_request_malformed_completes_with_nothing_written(make_export):
-    exp = make_export()
-    q = FakeQueue()
-    elem = FakeElem(Sg([b"\0" * 10]), Sg([4]))
-    exp.handle_request(q, elem)
-    assert q.completed == [(elem, 0)]
-    assert elem.inp.chunk(0) == b"\xee" * 4
-    assert exp.malformed == 1
+    rig = make_rig(exp)
+    req = rig.submit([b"\0" * 10], [4])
+    rig.wait(req)
+    assert req.used_len == 0
+    assert req.in_bytes() == bytes([POISON] * 3 + [STATUS_UNSET])
     assert exp.stats()["malformed-requests"] == 1
 
 
@@ -330,9 +301,3 @@ def test_export_stats_shape(make_export):
     assert s["id"] == "exp"
     assert s["node-name"] == exp.node_name
     assert s["blockstats"]["rd_operations"] == 0
-
-
-def test_done_recorder_sanity():
-    d = Done()
-    d(MALFORMED, 0)
-    assert d.result == (MALFORMED, 0)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from blocklayer import accounting, bdrv, io_uring
+from blocklayer import accounting, batch, bdrv, io_uring
 from vhost import server
 from vhost._build import C_SOURCES, CDEF, shared_cdef
 from vhost.ffi import ffi, lib
-from virtio import blk_handler
+from virtio import constants
 from virtio.constants import VirtioBlkStatus, VirtioBlkType
 
 VHOST = Path(server.__file__).resolve().parent
@@ -61,8 +61,11 @@ def test_python_mirrors_come_from_the_header() -> None:
     assert len(accounting.BlockAcctType) == lib.PYVU_NKINDS
     assert accounting.MAX_BOUNDARIES == lib.PYVU_NBOUNDS
     assert len(accounting.DEFAULT_BOUNDARIES_NS) == lib.PYVU_NBOUNDS
-    assert blk_handler.BDRV_REQUEST_MAX_SECTORS == lib.BDRV_REQUEST_MAX_SECTORS == (
-        (2**31 - 1) >> 9)
+    assert lib.BDRV_REQUEST_MAX_SECTORS == (2**31 - 1) >> 9
+    assert (constants.VIRTIO_BLK_ID_BYTES, constants.VIRTIO_BLK_OUTHDR_SIZE) == (
+        lib.VIRTIO_BLK_ID_BYTES, lib.VIRTIO_BLK_OUTHDR_SIZE)
+    assert (batch.T_DISCARD, batch.T_WRITE_ZEROES, batch.EACH) == (
+        lib.VIRTIO_BLK_T_DISCARD, lib.VIRTIO_BLK_T_WRITE_ZEROES, lib.PYVU_BATCH_EACH)
     # vhost-user framing, read from libvhost-user's own definitions at build time
     assert (server.VHOST_USER_HDR_SIZE, server.MAX_PAYLOAD, server.VHOST_USER_MAX_CONFIG_SIZE) == (
         12, 272, 256)
@@ -99,9 +102,11 @@ def test_nothing_is_written_twice() -> None:
     root = VHOST.parent
     for path, names in ((root / "virtio" / "constants.py", ("IN", "OUT", "FLUSH", "OK",
                                                            "IOERR", "VIRTIO_BLK_T_BARRIER",
-                                                           "VIRTIO_BLK_OUTHDR_SIZE")),
+                                                           "VIRTIO_BLK_OUTHDR_SIZE",
+                                                           "VIRTIO_BLK_ID_BYTES")),
                         (root / "blocklayer" / "bdrv.py", ("BDRV_REQ_FUA", "BDRV_REQ_MAY_UNMAP")),
-                        (root / "blocklayer" / "batch.py", ("T_READ", "PENDING", "UNSET"))):
+                        (root / "blocklayer" / "batch.py", ("T_READ", "T_DISCARD", "T_WRITE_ZEROES",
+                                                            "EACH", "PENDING", "UNSET"))):
         text = path.read_text()
         for n in names:
             assert not re.search(rf"^\s*{n}\s*=\s*(0x[0-9a-fA-F]+|\d+)\b", text, re.M), (path, n)

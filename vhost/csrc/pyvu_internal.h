@@ -20,9 +20,9 @@
  *   linux_aio.c         the Linux AIO engine (its AioContext's thread)
  *   poller.c            each AioContext's epoll set: C handlers served without the GIL,
  *                       tokens for Python (its AioContext's thread)
- *   virtio_blk_queue.c  the per-queue pop loop: virtio-blk parsing, the choice C / batch /
- *                       Python handler, completions, the batch hand-off, Python's side of a
- *                       queue (the queue's AioContext's thread)
+ *   virtio_blk_queue.c  the per-queue pop loop: virtio-blk parsing and checks of every
+ *                       request, the choice C / batch, completions, the batch hand-off,
+ *                       Python's side of a queue (the queue's AioContext's thread)
  *
  * Calls go both ways between layers (a kick reaches the queue through the poller, the queue
  * submits to an engine, an engine's completion finishes the queue's request and reports the
@@ -198,6 +198,7 @@ struct pyvu_req {
     int kind;                       /* accounting kind */
     int fua;                        /* a write that must be followed by an fsync */
     int batched;                    /* served through Python's batch path */
+    int flags;                      /* for the batch: BDRV_REQ_MAY_UNMAP, PYVU_BATCH_EACH */
     int fd;                         /* the file a C engine reads or writes */
     int err;                        /* -errno when handed to Python as failed */
     uint64_t offset;
@@ -205,10 +206,13 @@ struct pyvu_req {
     uint64_t start_ns;
     struct iovec *iov;
     unsigned niov;
+    struct iovec *own_iov;          /* malloc'd data iovecs (a write's header shares a buffer
+                                     * with its data); freed when C lets go of the request */
     struct iocb cb;                 /* DRV_FILE_LAIO */
     struct pyvu_rbd *rbd;           /* the librbd engine serving it (rbd_engine.c) */
 };
 
+static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r, int each);
 static void pyvu_touch(struct pyvu_fastq *q, struct pyvu_fastq **head);
 static void pyvu_fastq_flush(struct pyvu_fastq *q);
 static void pyvu_fast_fail(struct pyvu_req *r, int err);

@@ -1,24 +1,31 @@
 /*
  * The virtio-blk queue: the per-request path in C.  Pops each queue, parses and checks every
- * request once, serves it in C, hands it to Python's node graph in batches, or leaves it to
- * the Python handler; completes, accounts and pushes.  And Python's side of a queue.
+ * request once, answers it, serves it in C, or hands it to Python's node graph in batches;
+ * completes, accounts and pushes.  And Python's side of a queue.
  *
  * Theory of operation
  * -------------------
- * The per-request choice is made from flags Python sets in struct pyvu_blkstate (one per
- * BlockBackend, the single source of truth for in-flight counts and accounting: blkstate.c):
- *   - C ("fast") path: IN/OUT/FLUSH on a null-co node, or on a file node served by io_uring in
- *     this context, with no reason for Python to look (slow == 0, force_slow == 0);
- *   - batch path: every other well-formed IN/OUT/FLUSH (a node only Python can serve, a filter
- *     in the graph, the C path switched off).  C parses and checks it and queues it on the
- *     queue's batch list; Python takes the list as plain values (blocklayer/batch.py), the node
- *     graph serves it — a driver may hand leaf I/O straight back to the C engines
- *     (pyvu_fastq_submit) — and C accounts, completes and pushes each request;
- *   - Python handler: anything else (other request types, malformed or misaligned requests, no
- *     medium).  Such elements go to the queue's slow list and the poller reports the queue to
- *     Python, which runs virtio/blk_handler.py on them.
- * A request that *fails* on the fast path is handed to Python as well (the failed list), so the
- * error policy (rerror/werror, stop and retry) lives in one place.
+ * Every virtio-blk rule is applied here, once, to every request (pyvu_fast_start, QEMU's
+ * virtio-blk-handler.c): the header (wherever the guest cut it), the status byte, the type,
+ * the sector range and size limits, writable, DISCARD / WRITE_ZEROES' one segment and flags.
+ * Malformed requests (no header or status byte: completed with nothing written, counted in
+ * blkstate.malformed_ops), invalid ones (IOERR, counted invalid), unknown types (UNSUPP) and
+ * GET_ID (the serial in the blkstate) are answered here.  The rest starts, chosen from flags
+ * Python sets in struct pyvu_blkstate (one per BlockBackend, the single source of truth for
+ * in-flight counts and accounting: blkstate.c):
+ *   - C ("fast") path: IN/OUT/FLUSH on a null-co node, or on a file node served by io_uring /
+ *     Linux AIO in this context, aligned for it, with a medium (force_slow == 0);
+ *   - batch path: everything else (a node only Python can serve, a filter in the graph, the C
+ *     path switched off, DISCARD and WRITE_ZEROES, a misaligned request (PYVU_BATCH_EACH: the
+ *     node graph pads it), no medium).  It waits on the queue's batch list; Python takes the
+ *     list as plain values (blocklayer/batch.py), the node graph serves it — a driver may hand
+ *     leaf I/O straight back to the C engines (pyvu_fastq_submit) — and C accounts, completes
+ *     and pushes each request.
+ * A request that *fails* on either path is handed to Python (the failed list), so the error
+ * policy (rerror/werror, stop and retry) lives in one place (virtio/blk_export.py); a retry
+ * runs the request through here again (pyvu_fastq_resubmit), as does the redo of a request an
+ * engine could not finish (-EAGAIN).  Only a device without a blkstate (not a block device)
+ * gets raw elements (the slow list, its handle_request).
  *
  * Python pauses a queue by setting q->paused and then taking the dispatch lock exclusively
  * once, so no pop loop is running after that.
@@ -71,6 +78,7 @@ static void pyvu_fastq_flush_locked(struct pyvu_fastq *q)
     for (int i = 0; i < n; i++) {
         struct pyvu_req *r = q->done[i];
         vu_queue_push(dev, vq, &r->elem, r->in_len);
+        free(r->own_iov);
         free(r);
     }
     q->ndone = 0;
@@ -100,6 +108,8 @@ static void pyvu_fast_fail(struct pyvu_req *r, int err)
     }
     pyvu_blk_in_flight_add(q->blk, -1);
     r->err = err;
+    free(r->own_iov);   /* Python answers it or re-runs it from the start: C is done with it */
+    r->own_iov = NULL;
     q->failed[q->nfailed++] = r;
 }
 
@@ -150,74 +160,240 @@ static void pyvu_batch_add(struct pyvu_fastq *q, struct pyvu_req *r)
     q->batch[q->nbatch++] = r;
 }
 
-/*
- * Parse and check a popped request, then serve it in C or queue it for Python's batch path.
- * Returns 0 if the Python handler must see it (nothing changed), 1 if it was taken.
- */
-static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
+/* Complete a request C answered itself (a status, nothing else to do). */
+static void pyvu_req_answer(struct pyvu_req *r, uint8_t status, uint32_t in_len)
+{
+    r->in_len = in_len;
+    pyvu_req_complete(r, status);
+}
+
+/* No header or no status byte: completed with nothing written (QEMU marks the device broken;
+ * we count it, for the export's "malformed-requests"). */
+static void pyvu_req_malformed(struct pyvu_fastq *q, struct pyvu_req *r)
+{
+    __atomic_fetch_add(&q->blk->malformed_ops, 1, __ATOMIC_RELAXED);
+    r->in_len = 0;
+    q->done[q->ndone++] = r;
+}
+
+/* Start a checked request: count it in flight, then the C engines or the batch list. */
+static void pyvu_req_go(struct pyvu_fastq *q, struct pyvu_req *r, int in_c)
 {
     struct pyvu_blkstate *b = q->blk;
-    VuVirtqElement *e = &r->elem;
-    uint32_t type;
-    uint64_t sector, total, nb;
-    struct iovec *last;
-    int is_write, in_c;
-
-    if (!b) {
-        return 0;   /* not a block device (no blkstate): the device's handle_request */
+    r->start_ns = pyvu_now_ns();
+    pyvu_blk_in_flight_add(b, 1);
+    if (!in_c) {
+        pyvu_batch_add(q, r);
+        return;
     }
-    in_c = pyvu_c_serves(q, b);
-
-    if (e->in_num < 1 || e->out_num < 1 || e->out_sg[0].iov_len < VIRTIO_BLK_OUTHDR_SIZE) {
-        return 0;
-    }
-    last = &e->in_sg[e->in_num - 1];
-    if (last->iov_len < 1) {
-        return 0;
-    }
-    memcpy(&type, e->out_sg[0].iov_base, 4);
-    memcpy(&sector, (char *)e->out_sg[0].iov_base + 8, 8);
-    type = le32toh(type) & ~VIRTIO_BLK_T_BARRIER;
-    sector = le64toh(sector);
-    r->q = q;
-    r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
-    r->type = type;
-    r->fua = 0;
-    r->err = 0;
-    r->batched = 0;
-    r->fd = b->fd;
-
-    if (type == VIRTIO_BLK_T_FLUSH) {
-        if ((int64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE) < 0) {
-            return 0;                       /* no medium: the handler says so */
-        }
-        r->kind = PYVU_ACCT_FLUSH;
-        r->bytes = 0;
-        r->offset = 0;
-        r->iov = NULL;
-        r->niov = 0;
-        r->in_len = 1;
-        r->start_ns = pyvu_now_ns();
-        pyvu_blk_in_flight_add(b, 1);
-        if (!in_c) {
-            pyvu_batch_add(q, r);
-        } else if (b->driver == DRV_NULL || b->no_flush) {
+    r->offset += (uint64_t)b->offset;   /* the C engines address the leaf */
+    if (r->type == VIRTIO_BLK_T_FLUSH) {
+        if (b->driver == DRV_NULL || b->no_flush) {
             pyvu_fast_ok(r);
         } else if (pyvu_ring_prep(q->ring, r, PYVU_OP_FSYNC) < 0) {
             pyvu_fast_fail(r, -EIO);
         }
-        return 1;
+        return;
     }
-    if (type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT) {
+    int is_write = r->type == VIRTIO_BLK_T_OUT;
+    if (b->driver == DRV_NULL) {
+        if (!is_write && b->read_zeroes) {
+            for (unsigned i = 0; i < r->niov; i++) {
+                memset(r->iov[i].iov_base, 0, r->iov[i].iov_len);
+            }
+        }
+        pyvu_fast_ok(r);
+    } else if (b->driver == DRV_FILE_LAIO) {
+        pyvu_laio_prep(q->laio, r, is_write);
+    } else if (pyvu_ring_prep(q->ring, r, is_write ? PYVU_OP_WRITE : PYVU_OP_READ) < 0) {
+        pyvu_fast_fail(r, -EIO);
+    }
+}
+
+/*
+ * virtio_blk_sect_range_ok: nb_sectors whole sectors from sector, aligned to the logical block
+ * size, inside the disk (total sectors; < 0: no medium, which the block layer fails with
+ * ENOMEDIUM, so only the size rules apply).
+ */
+static int pyvu_sect_range_ok(struct pyvu_blkstate *b, uint64_t sector, uint64_t nb,
+                              int64_t total)
+{
+    if (nb > BDRV_REQUEST_MAX_SECTORS || ((sector << 9) % b->lbs)) {
         return 0;
     }
+    return total < 0 || (sector <= (uint64_t)total && nb <= (uint64_t)total - sector);
+}
+
+/* A medium's length in sectors, or < 0 for none. */
+static int64_t pyvu_total_sectors(struct pyvu_blkstate *b)
+{
+    int64_t len = __atomic_load_n(&b->length, __ATOMIC_ACQUIRE);
+    return len < 0 ? len : len >> 9;
+}
+
+/* virtio_blk_handle_discard_write_zeroes: one segment, QEMU's statuses; to the batch. */
+static void pyvu_start_dwz(struct pyvu_fastq *q, struct pyvu_req *r, uint64_t out_total)
+{
+    struct pyvu_blkstate *b = q->blk;
+    VuVirtqElement *e = &r->elem;
+    uint8_t buf[VIRTIO_BLK_OUTHDR_SIZE + VIRTIO_BLK_DWZ_SIZE];
+    uint64_t sector, seg = out_total - VIRTIO_BLK_OUTHDR_SIZE;
+    uint32_t num, flags;
+    int is_wz = r->type == VIRTIO_BLK_T_WRITE_ZEROES;
+
+    if (!b->writable) {
+        pyvu_req_answer(r, VIRTIO_BLK_S_IOERR, 1);
+        return;
+    }
+    if (seg > VIRTIO_BLK_DWZ_SIZE) {
+        pyvu_req_answer(r, VIRTIO_BLK_S_UNSUPP, 1);    /* only one segment is supported */
+        return;
+    }
+    if (seg != VIRTIO_BLK_DWZ_SIZE) {
+        pyvu_req_answer(r, VIRTIO_BLK_S_IOERR, 1);
+        return;
+    }
+    pyvu_iov_to_buf(e->out_sg, e->out_num, buf, sizeof(buf));
+    memcpy(&sector, buf + VIRTIO_BLK_OUTHDR_SIZE, 8);
+    memcpy(&num, buf + VIRTIO_BLK_OUTHDR_SIZE + 8, 4);
+    memcpy(&flags, buf + VIRTIO_BLK_OUTHDR_SIZE + 12, 4);
+    sector = le64toh(sector);
+    num = le32toh(num);
+    flags = le32toh(flags);
+    r->kind = is_wz ? PYVU_ACCT_WRITE : PYVU_ACCT_UNMAP;
+    if (num > (is_wz ? VHOST_USER_BLK_MAX_WRITE_ZEROES_SECTORS
+                     : VHOST_USER_BLK_MAX_DISCARD_SECTORS) ||
+        !pyvu_sect_range_ok(b, sector, num, pyvu_total_sectors(b))) {
+        pyvu_acct_invalid(b, r->kind);
+        pyvu_req_answer(r, VIRTIO_BLK_S_IOERR, 1);
+        return;
+    }
+    if ((flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) ||
+        (!is_wz && (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))) {
+        pyvu_req_answer(r, VIRTIO_BLK_S_UNSUPP, 1);    /* UNMAP is not valid on a discard */
+        return;
+    }
+    r->offset = sector << 9;
+    r->bytes = (uint64_t)num << 9;
+    r->iov = NULL;
+    r->niov = 0;
+    r->in_len = 1;
+    r->flags = is_wz && (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) ? BDRV_REQ_MAY_UNMAP : 0;
+    r->fua = is_wz && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
+    pyvu_req_go(q, r, 0);       /* the node's rules: discard policy, fallback, ... */
+}
+
+/* GET_ID: the serial, with its NUL terminator when it fits, truncated to the buffer. */
+static void pyvu_answer_get_id(struct pyvu_blkstate *b, struct pyvu_req *r)
+{
+    VuVirtqElement *e = &r->elem;
+    char id[VIRTIO_BLK_ID_BYTES + 1];
+    uint64_t avail = 0, size;
+
+    for (unsigned i = 0; i < e->in_num; i++) {
+        avail += e->in_sg[i].iov_len;
+    }
+    avail--;                                    /* the status byte */
+    size = (uint64_t)b->serial_len + 1;
+    if (size > VIRTIO_BLK_ID_BYTES) {
+        size = VIRTIO_BLK_ID_BYTES;
+    }
+    if (size > avail) {
+        size = avail;
+    }
+    memcpy(id, b->serial, b->serial_len);
+    id[b->serial_len] = 0;
+    pyvu_iov_from_buf(e->in_sg, e->in_num, id, size);
+    pyvu_req_answer(r, VIRTIO_BLK_S_OK, (uint32_t)size + 1);
+}
+
+/*
+ * Parse and check a popped request (or one Python re-runs from the start: a retry, a redo),
+ * then answer it, serve it in C, or queue it for Python's batch path.  Every virtio-blk rule
+ * is here, once (QEMU's virtio-blk-handler.c).  each: the batch serves it request by request
+ * (PYVU_BATCH_EACH).  Returns 0 only when the device is not a block device (no blkstate: its
+ * handle_request sees the element), 1 when the request was taken.
+ */
+static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r, int each)
+{
+    struct pyvu_blkstate *b = q->blk;
+    VuVirtqElement *e = &r->elem;
+    uint8_t hdr[VIRTIO_BLK_OUTHDR_SIZE];
+    uint32_t type;
+    uint64_t sector, out_total = 0;
+    int64_t total;
+    struct iovec *last;
+    int is_write, in_c;
+
+    if (!b) {
+        return 0;
+    }
+    r->q = q;
+    r->own_iov = NULL;
+    r->fua = 0;
+    r->err = 0;
+    r->batched = 0;
+    r->flags = each ? PYVU_BATCH_EACH : 0;
+    r->fd = b->fd;
+    r->bytes = 0;
+    for (unsigned i = 0; i < e->out_num; i++) {
+        out_total += e->out_sg[i].iov_len;
+    }
+    if (e->in_num < 1 || e->out_num < 1 || e->in_sg[e->in_num - 1].iov_len < 1 ||
+        out_total < VIRTIO_BLK_OUTHDR_SIZE) {
+        pyvu_req_malformed(q, r);
+        return 1;
+    }
+    last = &e->in_sg[e->in_num - 1];
+    pyvu_iov_to_buf(e->out_sg, e->out_num, hdr, sizeof(hdr));
+    memcpy(&type, hdr, 4);
+    memcpy(&sector, hdr + 8, 8);
+    type = le32toh(type) & ~VIRTIO_BLK_T_BARRIER;
+    sector = le64toh(sector);
+    r->status = (uint8_t *)last->iov_base + last->iov_len - 1;
+    r->type = type;
+    r->in_len = 1;
+    in_c = !each && pyvu_c_serves(q, b);
+    total = pyvu_total_sectors(b);
+
+    switch (type) {
+    case VIRTIO_BLK_T_IN:
+    case VIRTIO_BLK_T_OUT:
+        break;
+    case VIRTIO_BLK_T_FLUSH:
+        r->kind = PYVU_ACCT_FLUSH;
+        r->offset = 0;
+        r->iov = NULL;
+        r->niov = 0;
+        pyvu_req_go(q, r, in_c && total >= 0);  /* no medium: the batch path fails it */
+        return 1;
+    case VIRTIO_BLK_T_DISCARD:
+    case VIRTIO_BLK_T_WRITE_ZEROES:
+        pyvu_start_dwz(q, r, out_total);
+        return 1;
+    case VIRTIO_BLK_T_GET_ID:
+        pyvu_answer_get_id(b, r);
+        return 1;
+    default:
+        pyvu_req_answer(r, VIRTIO_BLK_S_UNSUPP, 1);
+        return 1;
+    }
+
     is_write = type == VIRTIO_BLK_T_OUT;
-    if (is_write) {
-        if (e->out_sg[0].iov_len != VIRTIO_BLK_OUTHDR_SIZE) {
-            return 0;   /* header and data in one buffer: leave it to Python */
-        }
+    if (is_write && e->out_sg[0].iov_len == VIRTIO_BLK_OUTHDR_SIZE) {
         r->iov = e->out_sg + 1;
         r->niov = e->out_num - 1;
+    } else if (is_write) {
+        /* the header shares a buffer with the data, or is split: the data from byte 16 on */
+        uint64_t size;
+        r->own_iov = malloc(e->out_num * sizeof(struct iovec));
+        if (!r->own_iov) {
+            pyvu_req_answer(r, VIRTIO_BLK_S_IOERR, 1);
+            return 1;
+        }
+        r->iov = r->own_iov;
+        r->niov = (unsigned)pyvu_iov_slice(e->out_sg, e->out_num, VIRTIO_BLK_OUTHDR_SIZE, 0,
+                                           r->own_iov, &size);
     } else {
         r->iov = e->in_sg;
         r->niov = e->in_num;
@@ -227,60 +403,68 @@ static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r)
             last->iov_len--;    /* the status byte is not data */
         }
     }
-    r->bytes = 0;
     for (unsigned i = 0; i < r->niov; i++) {
         r->bytes += r->iov[i].iov_len;
     }
     r->kind = is_write ? PYVU_ACCT_WRITE : PYVU_ACCT_READ;
     r->in_len = is_write ? 1 : (uint32_t)r->bytes + 1;
-    total = (uint64_t)__atomic_load_n(&b->length, __ATOMIC_ACQUIRE);
-    if ((int64_t)total < 0) {
-        pyvu_req_undo_status(r, e);
-        return 0;
-    }
-    total >>= 9;
-    nb = r->bytes >> 9;
-    if ((r->bytes & 511) || nb > BDRV_REQUEST_MAX_SECTORS || ((sector << 9) % b->lbs) ||
-        sector > total || nb > total - sector || (is_write && !b->writable)) {
+    if ((r->bytes & 511) || !pyvu_sect_range_ok(b, sector, r->bytes >> 9, total) ||
+        (is_write && !b->writable)) {
         pyvu_acct_invalid(b, r->kind);
-        r->in_len = 1;
-        pyvu_req_complete(r, VIRTIO_BLK_S_IOERR);
+        pyvu_req_answer(r, VIRTIO_BLK_S_IOERR, 1);
         return 1;
     }
-    r->offset = (sector << 9) + (uint64_t)b->offset;
+    r->offset = sector << 9;
     if (b->align_mask | b->mem_mask) {
         /* blocklayer/io.py pads or bounces what the node cannot take as it is */
         uintptr_t bits = 0;
         for (unsigned i = 0; i < r->niov; i++) {
             bits |= (uintptr_t)r->iov[i].iov_base | r->iov[i].iov_len;
         }
-        if (((r->offset | r->bytes) & b->align_mask) || (bits & b->mem_mask)) {
-            pyvu_req_undo_status(r, e);
-            return 0;
+        if ((((r->offset + (uint64_t)b->offset) | r->bytes) & b->align_mask) ||
+            (bits & b->mem_mask)) {
+            r->flags |= PYVU_BATCH_EACH;
+            in_c = 0;
         }
     }
     r->fua = is_write && !__atomic_load_n(&b->wce, __ATOMIC_RELAXED);
-    r->start_ns = pyvu_now_ns();
-    pyvu_blk_in_flight_add(b, 1);
-    if (!in_c) {
-        pyvu_batch_add(q, r);
-        return 1;
-    }
-    if (b->driver == DRV_NULL) {
-        if (!is_write && b->read_zeroes) {
-            for (unsigned i = 0; i < r->niov; i++) {
-                memset(r->iov[i].iov_base, 0, r->iov[i].iov_len);
-            }
-        }
-        pyvu_fast_ok(r);
-        return 1;
-    }
-    if (b->driver == DRV_FILE_LAIO) {
-        pyvu_laio_prep(q->laio, r, is_write);
-    } else if (pyvu_ring_prep(q->ring, r, is_write ? PYVU_OP_WRITE : PYVU_OP_READ) < 0) {
-        pyvu_fast_fail(r, -EIO);
-    }
+    pyvu_req_go(q, r, in_c && total >= 0);
     return 1;
+}
+
+/*
+ * Python re-runs a request it took from the failed list, from the start, as if just popped:
+ * a retry after an error policy's stop (each = 0: C or the batch, as any request), or the redo
+ * of one a C engine could not finish (-EAGAIN: each = 1, request by request through the node
+ * graph, which resubmits short reads and zero-fills past the end of the file).  Whatever it
+ * answers at once is pushed; Python then serves the batch list and the failed list.  Queue's
+ * context.
+ */
+static void pyvu_fastq_resubmit(struct pyvu_fastq *q, VuVirtqElement *e, int each)
+{
+    pthread_rwlock_rdlock(&q->pdev->lock);
+    pyvu_fast_start(q, (struct pyvu_req *)e, each);
+    if (q->laio && q->laio->npending) {
+        pyvu_laio_submit(q->laio);
+    }
+    if (q->ring && (q->ring->u.pending || q->ring->u.nbacklog)) {
+        pyvu_uring_submit(&q->ring->u);
+    }
+    pyvu_fastq_flush_locked(q);
+    pthread_rwlock_unlock(&q->pdev->lock);
+}
+
+/*
+ * Python's error policy answered a request of the failed list: write the status and push it
+ * (a read's in_len counts its data, as if it had succeeded: QEMU's virtio_blk_req_complete).
+ * Queue's context.
+ */
+static void pyvu_fastq_fail_done(struct pyvu_fastq *q, VuVirtqElement *e, int status)
+{
+    struct pyvu_req *r = (struct pyvu_req *)e;
+    r->q = q;
+    pyvu_req_complete(r, (uint8_t)status);
+    pyvu_fastq_flush(q);
 }
 
 /*
@@ -351,7 +535,7 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
         }
         pyvu_q_in_flight_add(q, 1);
         q->requests++;
-        if (!pyvu_fast_start(q, r)) {
+        if (!pyvu_fast_start(q, r, 0)) {
             q->slow[q->nslow++] = &r->elem;
         }
         if (q->ndone >= (notified ? PYVU_NOTIFY_EVERY : 1)) {
@@ -458,25 +642,33 @@ static int pyvu_fastq_take_failed(struct pyvu_fastq *q, VuVirtqElement **out, in
 }
 
 /*
- * Python takes up to max batched requests as plain values: type (PYVU_BATCH_*), flags
- * (BDRV_REQ_FUA when the write cache is off), byte offset, length, and the data iovecs (the
- * status byte is not part of them); ret[i] starts as PYVU_BATCH_UNSET.  Queue's context.
+ * Python takes up to max batched requests as plain values: type (VIRTIO_BLK_T_IN, _OUT,
+ * _FLUSH, _DISCARD, _WRITE_ZEROES), flags (BDRV_REQ_FUA when the write cache is off,
+ * BDRV_REQ_MAY_UNMAP, PYVU_BATCH_EACH), byte offset on the root node, length, and the data
+ * iovecs (the status byte is not part of them; none for a flush, discard or write-zeroes);
+ * ret[i] starts as PYVU_BATCH_UNSET.  *special: how many are not plain reads, writes and
+ * flushes (another type, or PYVU_BATCH_EACH), so Python looks for them only when there are
+ * some.  Queue's context.
  */
 static int pyvu_fastq_take_batch(struct pyvu_fastq *q, void **handles, int *type, int *flags,
                                  uint64_t *offset, uint64_t *bytes, struct iovec **iov,
-                                 unsigned *niov, int *ret, int max)
+                                 unsigned *niov, int *ret, int *special, int max)
 {
     int n = q->nbatch < max ? q->nbatch : max;
+    *special = 0;
     for (int i = 0; i < n; i++) {
         struct pyvu_req *r = q->batch[i];
         handles[i] = r;
         ret[i] = PYVU_BATCH_UNSET;
         type[i] = r->type;
-        flags[i] = r->fua ? BDRV_REQ_FUA : 0;
+        flags[i] = (r->fua ? BDRV_REQ_FUA : 0) | r->flags;
         offset[i] = r->offset;
         bytes[i] = r->bytes;
         iov[i] = r->iov;
-        niov[i] = r->type == VIRTIO_BLK_T_FLUSH ? 0 : r->niov;
+        niov[i] = r->niov;
+        *special += (r->flags & PYVU_BATCH_EACH) || (r->type != VIRTIO_BLK_T_IN &&
+                                                     r->type != VIRTIO_BLK_T_OUT &&
+                                                     r->type != VIRTIO_BLK_T_FLUSH);
     }
     memmove(q->batch, q->batch + n, (q->nbatch - n) * sizeof(q->batch[0]));
     q->nbatch -= n;
@@ -538,8 +730,10 @@ static int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **hand
     }
     for (int i = 0; i < n; i++) {
         struct pyvu_req *r = handles[i];
-        if (ret[i] != PYVU_BATCH_UNSET) {
-            continue;               /* answered or taken by someone else */
+        if (ret[i] != PYVU_BATCH_UNSET || (r->type != VIRTIO_BLK_T_IN &&
+                                             r->type != VIRTIO_BLK_T_OUT &&
+                                             r->type != VIRTIO_BLK_T_FLUSH)) {
+            continue;               /* answered, taken by someone else, or not an I/O */
         }
         ret[i] = PYVU_BATCH_PENDING;
         r->fd = fd;
