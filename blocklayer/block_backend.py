@@ -147,8 +147,8 @@ class BlockBackend:
         if bs is not None and bs.detect_zeroes != "off":
             kind = DRV_NONE  # only Python implements detect-zeroes
         c.driver, c.fd, c.offset = kind, info.fd, info.offset
-        # Requests the root cannot take as they are (O_DIRECT alignment) go to Python, whose
-        # block/io.c layer pads them (blocklayer/io.py).
+        # Requests the root cannot take as they are (O_DIRECT alignment) go to the node graph
+        # request by request, whose block/io.c layer pads them (blocklayer/io.py).
         c.align_mask = bs.request_alignment - 1 if bs is not None else 0
         c.mem_mask = bs.mem_alignment - 1 if bs is not None else 0
         c.read_zeroes, c.no_flush = int(info.read_zeroes), int(info.no_flush)

@@ -29,7 +29,7 @@
 #define PYVU_POLL_NOTIFY_OFF 2
 
 /* What the C request path can serve (BlockBackend.update_c_state sets blkstate.driver). */
-#define DRV_NONE 0          /* nothing: every request goes to Python */
+#define DRV_NONE 0          /* nothing: every request goes to the node graph (batches) */
 #define DRV_NULL 1          /* null-co */
 #define DRV_FILE 2          /* a file through io_uring */
 #define DRV_FILE_LAIO 4     /* a file through Linux AIO (aio=native, O_DIRECT) */
@@ -102,13 +102,13 @@ struct pyvu_blkstate {
     uint64_t fast_ops;          /* requests the C path served end to end (for tests/stats) */
     uint64_t batch_ops;         /* requests C parsed and Python's node graph served in batches */
     int64_t length;             /* bytes; < 0: no medium */
-    int force_slow;             /* the user forced the Python path */
+    int force_slow;             /* the user turned the C path off: all to the batch path */
     int wce;                    /* write cache enabled (else writes are FUA) */
     int writable;
     int driver;                 /* DRV_* */
     int fd;                     /* file driver: the image fd */
     int64_t offset;             /* added to every request's offset (a raw node's offset=) */
-    uint32_t align_mask;        /* request alignment - 1 (O_DIRECT): others go to Python */
+    uint32_t align_mask;        /* request alignment - 1 (O_DIRECT): others are padded */
     uint32_t mem_mask;          /* memory alignment - 1 of every buffer */
     int read_zeroes;            /* null-co */
     int no_flush;

@@ -311,3 +311,39 @@ def test_malformed_requests(null_rig, out_chunks, in_chunks):
         assert req.in_bytes() == bytes([POISON]) * 512 + bytes([STATUS_UNSET])  # untouched
     assert rig.exp.blk.in_flight == 0
     assert rig.exp.stats()["malformed-requests"] == 1
+
+
+# -- what C sends to the node graph -----------------------------------------------------------
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_raw_offset_is_added_once_on_either_path(make_node, image, export_rig, fast_path):
+    """C serves a raw node over an io_uring file itself (adding the raw offset for the file);
+    with the C path off the batch carries the root node's offsets and raw adds its own."""
+    path = image(DISK)
+    bs = make_node({"driver": "raw", "offset": "4096",
+                    "file": {"driver": "file", "filename": path, "aio": "io_uring"}})
+    rig = export_rig(bs, fast_path=fast_path)
+    payload = pattern(1024, seed=11)
+    assert rig.complete([outhdr(T_OUT, 2), payload]) == (OK, 1)
+    req = run(rig, [outhdr(T_IN, 0)], [2048 + 1])
+    assert req.data == DISK[4096:5120] + payload
+    disk = Path(path).read_bytes()
+    assert disk[4096 + 1024:4096 + 2048] == payload
+    assert disk[:4096 + 1024] == DISK[:4096 + 1024]
+    s = rig.exp.stats()
+    assert (s["fast-path-requests"] > 0) == fast_path and (s["batch-requests"] > 0) != fast_path
+
+
+def test_request_misaligned_for_the_node_is_padded(make_node, export_rig):
+    """A 512-byte write on a node that needs 4 KiB: C hands it over marked for the per-request
+    path, which pads it (read-modify-write); aligned ones go through the filter's batch_io."""
+    bs = make_node({"driver": "x-count", "file": {
+        "driver": "blkdebug", "align": "4096",
+        "image": {"driver": "x-memory", "size": str(DISK_SIZE)}}})
+    rig = export_rig(bs)
+    base = pattern(8192, seed=1)
+    assert rig.complete([outhdr(T_OUT, 0), base]) == (OK, 1)
+    patch = pattern(512, seed=2)
+    assert rig.complete([outhdr(T_OUT, 3), patch]) == (OK, 1)
+    req = run(rig, [outhdr(T_IN, 0)], [8192 + 1])
+    assert req.data == base[:1536] + patch + base[2048:]
+    assert bs.drv.query_info()["x-count"]["write"] == 2

@@ -1,6 +1,7 @@
 /*
- * iovec helpers for the request path: Python's side (virtio/blk_handler.py, blocklayer/iov.py,
- * drivers) calls them to slice, copy, fill and test guest buffers without a copy into Python.
+ * iovec helpers for the request path: the C parser (virtio_blk_queue.c) and Python's side
+ * (blocklayer/iov.py, drivers) call them to slice, copy, fill and test guest buffers without a
+ * copy into Python.
  *
  * Theory of operation: plain functions over struct iovec arrays, no state; they run on the
  * caller's thread (the queue's AioContext).
