@@ -9,7 +9,9 @@
  * this file the functions it needs as pointers (struct pyvu_rbd_fns).  pyvu_fastq_submit_rbd
  * submits a batch's requests straight from guest memory (rbd_aio_readv/writev: no copy).
  * librbd completes them on its own threads: pyvu_rbd_cb only records (request, result) under
- * the engine's mutex and signals the engine's eventfd — a C handler (PYVU_H_RBD) of the
+ * the engine's mutex, in arrays sized when the request started (so librbd's threads never
+ * allocate: out of memory fails a request with -ENOMEM at submission), and signals the
+ * engine's eventfd when it is the first completion waiting — a C handler (PYVU_H_RBD) of the
  * AioContext that submitted, where pyvu_rbd_complete finishes the requests like any other C
  * engine's (pyvu_fast_cqe), flushes and reports their queues.  A FUA write is followed by an
  * rbd flush before it completes.  librbd retries across OSD restarts itself: a stall, not an
@@ -22,32 +24,61 @@
 #include <pthread.h>
 #include <sys/eventfd.h>
 
+/* Completions pyvu_rbd_complete takes out per hold of the engine's lock. */
+#define PYVU_RBD_TAKE 128
+
+/*
+ * librbd's thread: record (request, result).  The arrays have room (pyvu_rbd_reserve, when the
+ * request started), so nothing is allocated here and nothing can fail.  Only the completion
+ * that finds the list empty signals the eventfd (as QEMU's aio_notify, one wake-up for what
+ * piles up before the loop runs): the loop reads the eventfd before it empties the list, so a
+ * completion after that finds it empty again and signals.
+ */
 static void pyvu_rbd_cb(void *c, void *arg)
 {
     struct pyvu_req *r = arg;
     struct pyvu_rbd *e = r->rbd;
     long ret = (long)e->f.get_return_value(c);
+    int n;
+
     e->f.release(c);
     pthread_mutex_lock(&e->lock);
-    if (e->ndone == e->cap) {
-        int cap = e->cap ? e->cap * 2 : 256;
-        struct pyvu_req **d = realloc(e->done, cap * sizeof(*d));
-        long *res = d ? realloc(e->res, cap * sizeof(*res)) : NULL;
-        if (d) {
-            e->done = d;
-        }
-        if (!d || !res) {
-            /* out of memory on a librbd thread: the request can only fail, and only later */
-            pthread_mutex_unlock(&e->lock);
-            abort();
-        }
-        e->res = res;
-        e->cap = cap;
-    }
-    e->done[e->ndone] = r;
-    e->res[e->ndone++] = ret;
+    n = e->ndone;
+    e->done[n] = r;
+    e->res[n] = ret;
+    __atomic_store_n(&e->ndone, n + 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&e->lock);
-    eventfd_write(e->efd, 1);
+    if (n == 0) {
+        eventfd_write(e->efd, 1);
+    }
+}
+
+/*
+ * Room in done/res for one more request: every request started and not yet collected
+ * (inflight) may be completed before the loop runs.  The engine's context; 0 or -ENOMEM.
+ */
+static int pyvu_rbd_reserve(struct pyvu_rbd *e)
+{
+    struct pyvu_req **d;
+    long *res = NULL;
+    int cap;
+
+    if (__atomic_load_n(&e->inflight, __ATOMIC_RELAXED) < e->cap) {
+        return 0;
+    }
+    cap = e->cap ? e->cap * 2 : 256;
+    pthread_mutex_lock(&e->lock);   /* librbd's threads write into the arrays */
+    d = realloc(e->done, cap * sizeof(*d));
+    if (d) {
+        e->done = d;
+        res = realloc(e->res, cap * sizeof(*res));
+        if (res) {
+            e->res = res;
+            e->cap = cap;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return res ? 0 : -ENOMEM;
 }
 
 static int pyvu_rbd_init(struct pyvu_rbd *e, int efd, void *image, const struct pyvu_rbd_fns *f)
@@ -76,6 +107,10 @@ static int pyvu_rbd_start(struct pyvu_rbd *e, struct pyvu_req *r, int op)
     void *c;
     int ret;
 
+    ret = pyvu_rbd_reserve(e);
+    if (ret < 0) {
+        return ret;
+    }
     r->rbd = e;
     ret = e->f.create_completion(r, pyvu_rbd_cb, &c);
     if (ret < 0) {
@@ -126,38 +161,38 @@ static int pyvu_fastq_submit_rbd(struct pyvu_fastq *q, struct pyvu_rbd *e, void 
 static void pyvu_rbd_complete(struct pyvu_rbd *e, uint64_t *out, int *nout, int max)
 {
     struct pyvu_fastq *touched = NULL, *q, *next;
-    struct pyvu_req **done;
-    long *res;
+    struct pyvu_req *done[PYVU_RBD_TAKE];
+    long res[PYVU_RBD_TAKE];
     int n;
 
-    pthread_mutex_lock(&e->lock);
-    done = e->done;
-    res = e->res;
-    n = e->ndone;
-    e->done = NULL;
-    e->res = NULL;
-    e->ndone = e->cap = 0;
-    pthread_mutex_unlock(&e->lock);
-    __atomic_sub_fetch(&e->inflight, n, __ATOMIC_RELAXED);
-    for (int i = 0; i < n; i++) {
-        struct pyvu_req *r = done[i];
-        long ret = res[i];
-        if (ret >= 0 && r->fua && r->type == VIRTIO_BLK_T_OUT) {
-            r->fua = 0;                 /* written: complete after the flush */
-            r->type = VIRTIO_BLK_T_FLUSH;
-            int rc = pyvu_rbd_start(e, r, PYVU_OP_FSYNC);
-            if (rc < 0) {
-                pyvu_fast_fail(r, rc);
-                pyvu_touch(r->q, &touched);
+    do {
+        /* from the end of the list: the order of completions does not matter */
+        pthread_mutex_lock(&e->lock);
+        n = e->ndone < PYVU_RBD_TAKE ? e->ndone : PYVU_RBD_TAKE;
+        memcpy(done, e->done + e->ndone - n, n * sizeof(*done));
+        memcpy(res, e->res + e->ndone - n, n * sizeof(*res));
+        __atomic_store_n(&e->ndone, e->ndone - n, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&e->lock);
+        __atomic_sub_fetch(&e->inflight, n, __ATOMIC_RELAXED);
+        for (int i = 0; i < n; i++) {
+            struct pyvu_req *r = done[i];
+            long ret = res[i];
+            if (ret >= 0 && r->fua && r->type == VIRTIO_BLK_T_OUT) {
+                r->fua = 0;                 /* written: complete after the flush */
+                r->type = VIRTIO_BLK_T_FLUSH;
+                int rc = pyvu_rbd_start(e, r, PYVU_OP_FSYNC);
+                if (rc < 0) {
+                    pyvu_fast_fail(r, rc);
+                    pyvu_touch(r->q, &touched);
+                }
+                continue;
             }
-            continue;
+            /* librbd answers a read or write with its length (or 0), a flush with 0 */
+            pyvu_fast_cqe(r, ret < 0 ? (int)ret
+                             : r->type == VIRTIO_BLK_T_FLUSH ? 0 : (int)r->bytes);
+            pyvu_touch(r->q, &touched);
         }
-        /* librbd answers a read or write with its length (or 0), a flush with 0 */
-        pyvu_fast_cqe(r, ret < 0 ? (int)ret : r->type == VIRTIO_BLK_T_FLUSH ? 0 : (int)r->bytes);
-        pyvu_touch(r->q, &touched);
-    }
-    free(done);
-    free(res);
+    } while (n == PYVU_RBD_TAKE);
     for (q = touched; q; q = next) {
         next = q->touched_next;
         q->touched = 0;
