@@ -11,7 +11,7 @@
  * librbd completes them on its own threads: pyvu_rbd_cb only records (request, result) under
  * the engine's mutex, in arrays sized when the request started (so librbd's threads never
  * allocate: out of memory fails a request with -ENOMEM at submission), and signals the
- * engine's eventfd when it is the first completion waiting — a C handler (PYVU_H_RBD) of the
+ * engine's eventfd — a C handler (PYVU_H_RBD) of the
  * AioContext that submitted, where pyvu_rbd_complete finishes the requests like any other C
  * engine's (pyvu_fast_cqe), flushes and reports their queues.  A FUA write is followed by an
  * rbd flush before it completes.  librbd retries across OSD restarts itself: a stall, not an
@@ -28,11 +28,10 @@
 #define PYVU_RBD_TAKE 128
 
 /*
- * librbd's thread: record (request, result).  The arrays have room (pyvu_rbd_reserve, when the
- * request started), so nothing is allocated here and nothing can fail.  Only the completion
- * that finds the list empty signals the eventfd (as QEMU's aio_notify, one wake-up for what
- * piles up before the loop runs): the loop reads the eventfd before it empties the list, so a
- * completion after that finds it empty again and signals.
+ * librbd's thread: record (request, result) and wake the engine's loop.  The arrays have room
+ * (pyvu_rbd_reserve, when the request started), so nothing is allocated here and nothing can
+ * fail.  (Signalling only the first of the completions waiting, as QEMU's aio_notify does,
+ * measured no faster: 4 KiB randread QD32 within noise, the loop's CPU per request not lower.)
  */
 static void pyvu_rbd_cb(void *c, void *arg)
 {
@@ -48,9 +47,7 @@ static void pyvu_rbd_cb(void *c, void *arg)
     e->res[n] = ret;
     __atomic_store_n(&e->ndone, n + 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&e->lock);
-    if (n == 0) {
-        eventfd_write(e->efd, 1);
-    }
+    eventfd_write(e->efd, 1);
 }
 
 /*
