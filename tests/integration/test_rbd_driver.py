@@ -191,6 +191,41 @@ def test_errors_at_open_are_one_line(tmp_path: Path, ceph: CephCluster) -> None:
         assert d.terminate() == 0
 
 
+def _librbd_counters(ceph: CephCluster) -> dict[str, int]:
+    """The running daemon's librbd perf counters (wr, flush, ...), from its admin socket
+    (the cluster's conf gives every client.admin one at run/client.admin.asok)."""
+    out = subprocess.run(["ceph", "--admin-daemon", str(ceph.dir / "run" / "client.admin.asok"),
+                          "perf", "dump"], capture_output=True, text=True, timeout=30)
+    dump = json.loads(out.stdout)
+    [image] = [v for k, v in dump.items() if k.startswith("librbd")]
+    return image
+
+
+@pytest.mark.parametrize("writethrough", ["on", "off"])
+def test_writethrough_export_flushes_each_write(tmp_path: Path, ceph: CephCluster,
+                                                writethrough: str) -> None:
+    """An export with writethrough=on (write cache off) completes a write only after librbd
+    flushed it (librbd has no FUA: write, then flush, in the C engine); with the write cache
+    on, writes are not flushed one by one."""
+    image = _new_image(ceph)
+    args = _args(tmp_path, _blockdev(ceph, image))
+    args[3] += f",writethrough={writethrough}"
+    with DaemonProcess(args, tmp_path) as d:
+        before = _librbd_counters(ceph)
+        rc, out, err = run_client(str(tmp_path / "vhost.sock"), "--mode", "bench",
+                                  "--rw", "randwrite", "--count", "400")
+        assert rc == 0 and not out.get("errors"), (out, err, d.log())
+        after = _librbd_counters(ceph)
+        writes = after["wr"] - before["wr"]
+        flushes = after["flush"] - before["flush"]
+        assert writes == 400, (before, after)
+        if writethrough == "on":
+            assert flushes >= writes, (writes, flushes)
+        else:
+            assert flushes < 10, (writes, flushes)
+        assert d.terminate() == 0
+
+
 def test_osd_restart_during_io(tmp_path: Path, ceph: CephCluster) -> None:
     """The only OSD stops while the guest writes and comes back: librbd holds the requests
     and they complete; the data reads back.  Runs last: it restarts the cluster's OSD."""
