@@ -154,6 +154,17 @@ def all_cases() -> list[Case]:
     return cases
 
 
+#: queue depths of ``--sweep``
+SWEEP_DEPTHS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def sweep_cases() -> list[Case]:
+    """``--sweep``: 4 KiB randread on one queue at every depth of SWEEP_DEPTHS, null-co and
+    file, both sides with their default settings (one iothread, ours polling adaptively)."""
+    return [Case(backend, "randread", qd, 1)
+            for backend in ("null", "file") for qd in SWEEP_DEPTHS]
+
+
 class BenchError(RuntimeError):
     startup = False
 
@@ -631,6 +642,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only cases whose name contains SUBSTR, a regular expression "
                         "(repeatable), e.g. 'null-', 'qd1-', 'randwrite', 'qd1-1q$'; names look "
                         "like null-randread-qd32-2q")
+    p.add_argument("--sweep", action="store_true",
+                   help="run the depth sweep instead of the default cases: 4k randread, one "
+                        "queue, QD " + ",".join(map(str, SWEEP_DEPTHS)) + ", null-co and file, "
+                        "default settings (--cases filters it too)")
     p.add_argument("--ours-file-opts", default=OURS_FILE_OPTS, metavar="OPTS",
                    help=f"extra --blockdev options for our file backend (default {OURS_FILE_OPTS})")
     p.add_argument("--qsd-file-opts", default=QSD_FILE_OPTS, metavar="OPTS",
@@ -676,7 +691,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def qsd_config_text(file_opts: str | None, iothread: bool) -> str:
     """What qsd ran, for the output: its best configuration."""
     shape = (f"--object {IOTHREAD_OBJ} and the export's iothread=io0 (both queues of a 2-queue "
-             "export on it)" if iothread else "no iothread (--no-iothread)")
+             "export on it; qsd 7.2 takes one iothread per export: "
+             "'iothread' is a string, a list is refused)" if iothread
+             else "no iothread (--no-iothread)")
     aio = f"; file: {file_opts}" if file_opts else ""
     return f"qsd: {shape}{aio}; null-co: {NULL_BLOCKDEV}"
 
@@ -698,12 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     if "qsd" in sides:
         cmds["qsd"] = _resolve_cmd(args.qsd, "--qsd")
 
-    cases = all_cases()
+    every = sweep_cases() if args.sweep else all_cases()
+    cases = every
     if args.cases:
         cases = [c for c in cases if any(re.search(s, c.name) for s in args.cases)]
         if not cases:
             raise SystemExit("benchmarks.run: --cases matched no case; names are: " +
-                             ", ".join(c.name for c in all_cases()))
+                             ", ".join(c.name for c in every))
 
     try:
         client = build_client()
@@ -720,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = list(args.note)
     use_perf, perf_note = (False, "perf not used (--no-perf)") if args.no_perf else perf_status()
     pinning = (None if args.no_pin else
-               f"client pinned to CPU {CLIENT_CPU}, daemon to CPU {DAEMON_CPU} (taskset -c)")
+               f"client pinned to CPU {CLIENT_CPU} (all its threads: one per queue), daemon to "
+               f"CPU {DAEMON_CPU} (all its threads: every iothread, the main loop) "
+               "(taskset -c)")
     print("pinning: " + (pinning or "none (--no-pin)"), file=sys.stderr)
     print("perf: " + perf_note, file=sys.stderr)
     results: list[dict] = []
