@@ -13,7 +13,7 @@ import nbdkit
 API_VERSION = 2
 
 size = 64 * 1024 * 1024
-disk = None
+disk = None  # a memoryview of the bytearray: its slices are views, so each call copies once
 
 
 def config(key, value):
@@ -30,7 +30,7 @@ def thread_model():
 def open(readonly):
     global disk
     if disk is None:
-        disk = bytearray(size)
+        disk = memoryview(bytearray(size))
     return 1
 
 

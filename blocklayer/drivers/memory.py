@@ -47,19 +47,22 @@ class MemoryDriver(BlockDriver):
     # -- batched requests from the C queue loop (the queue's AioContext) ---------------------
     def batch_io(self, b: Batch) -> None:
         """Serve ``b.n`` parsed, range-checked requests; set ``b.ret[i]`` (0 or -errno)."""
-        base, types, offs, lens, iovs, niovs, ret = (
-            self._base, b.types, b.offsets, b.lengths, b.iovs, b.niovs, b.ret
-        )
+        # Each C array is read into a Python list with one call (indexing a C array costs a
+        # cffi call per element) and the answers go back with one slice assignment.
+        n, unpack, base = b.n, ffi.unpack, self._base
+        tl, rl, ol = unpack(b.types, n), unpack(b.ret, n), unpack(b.offsets, n)
+        il, nl, ll = unpack(b.iovs, n), unpack(b.niovs, n), unpack(b.lengths, n)
         from_buf, to_buf = lib.pyvu_iov_from_buf, lib.pyvu_iov_to_buf
-        for i in range(b.n):
-            if ret[i] != UNSET:
+        for i in range(n):
+            if rl[i] != UNSET:
                 continue
-            t = types[i]
+            t = tl[i]
             if t == T_READ:
-                from_buf(iovs[i], niovs[i], base + offs[i], lens[i])
+                from_buf(il[i], nl[i], base + ol[i], ll[i])
             elif t == T_WRITE:
-                to_buf(iovs[i], niovs[i], base + offs[i], lens[i])
-            ret[i] = 0  # flush: memory is as stable as it gets
+                to_buf(il[i], nl[i], base + ol[i], ll[i])
+            rl[i] = 0  # flush: memory is as stable as it gets
+        b.ret[0:n] = rl
 
     # -- the generic path ---------------------------------------------------------------------
     def aio_preadv(self, ctx: AioContext, offset: int, qiov: IOVector, cb: Completion) -> None:
