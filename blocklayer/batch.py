@@ -50,10 +50,11 @@ UNSET = lib.PYVU_BATCH_UNSET
 class Batch:
     """Parallel C arrays describing ``n`` parsed requests of one queue (filled by ``take``)."""
 
-    MAX = 256
+    MAX = lib.PYVU_NOTIFY_EVERY  # per take: answered and pushed before the next (pyvu.h)
 
-    def __init__(self, ctx: Any, cq: Any, on_late_done: Callable[[], None]) -> None:
-        m = self.MAX
+    def __init__(self, ctx: Any, cq: Any, on_late_done: Callable[[], None],
+                 size: int | None = None) -> None:
+        m = self.size = size or self.MAX  # a batch filled by hand (tests) may be larger
         self.ctx = ctx  # the queue's AioContext
         self.cq = cq  # struct pyvu_fastq *
         self._on_late_done = on_late_done  # push and report what completed after finish()
@@ -71,10 +72,10 @@ class Batch:
         self._gen = 0
 
     def take(self) -> int:
-        """Fill the arrays with up to MAX requests of the queue's batch list."""
+        """Fill the arrays with up to ``size`` requests of the queue's batch list."""
         self.n = lib.pyvu_fastq_take_batch(self.cq, self.handles, self.types, self.flags,
                                            self.offsets, self.lengths, self.iovs, self.niovs,
-                                           self.ret, self._special, self.MAX)
+                                           self.ret, self._special, self.size)
         self._gen += 1
         self._serving = self._gen
         return self.n

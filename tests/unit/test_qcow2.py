@@ -535,7 +535,7 @@ def _batch(main_ctx, reqs):
     from blocklayer.batch import T_FLUSH, UNSET, Batch
     from vhost.ffi import ffi
 
-    b = Batch(main_ctx, ffi.NULL, lambda: None)
+    b = Batch(main_ctx, ffi.NULL, lambda: None, size=max(len(reqs), 1))
     bufs = []
     keep = []
     for i, (t, off, data) in enumerate(reqs):

@@ -498,12 +498,8 @@ static int pyvu_fastq_check_rings(struct pyvu_fastq *q, VuVirtq *vq)
 /*
  * Completions are pushed and the frontend notified while popping: after the first completed
  * request of a pop loop (so the frontend can start reaping while we go on), then every
- * PYVU_NOTIFY_EVERY.  Measured on 2 cores with a libblkio client: notifying only at the end
- * of the loop leaves client and daemon taking turns (1 queue on null-co 1.3x qsd, 1.55x this
- * way); notifying after every request wakes the client so often that with 2 queues over 2
- * iothreads (4 busy threads on 2 cores) throughput fell to 0.3x.
+ * PYVU_NOTIFY_EVERY (vhost/pyvu.h, which says why).
  */
-#define PYVU_NOTIFY_EVERY 16
 
 /* Pop and serve everything available.  Queue's thread, GIL released. */
 static void pyvu_fastq_process(struct pyvu_fastq *q)
