@@ -34,6 +34,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import select
@@ -615,6 +616,11 @@ class VuServer:
             self.conn = None
         lib.pyvu_dev_destroy(conn.pdev)
         self.device.connection_changed(False)
+        # A connection's objects (queues, handlers, their callbacks) refer to each other: free
+        # them now, not whenever the cyclic GC next runs -- which, with requests served in C
+        # and few Python allocations, may be hundreds of connections later (the daemon's RSS
+        # then grows by ~14 KiB per connection until it does).
+        gc.collect()
         aio_wait_kick()  # shutdown() may be waiting for this
         if self.listener.fileno() >= 0:  # accept again (see _on_accept); not after shutdown
             self.main_ctx.set_fd_handler(self.listener.fileno(), self._on_accept)

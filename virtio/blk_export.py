@@ -316,7 +316,11 @@ class VhostUserBlkExport:
         return self.contexts[qidx % len(self.contexts)]
 
     def connection_changed(self, connected: bool) -> None:
-        pass
+        """Main thread: a connection's queues are gone with it (their C state freed): so are
+        their batches (kept per queue for reuse; a leak of one per queue per connection
+        otherwise)."""
+        if not connected:
+            self._batch.clear()
 
     # -- per request (queue's AioContext) ---------------------------------------------------
     def request_state(self) -> Any:
