@@ -89,8 +89,8 @@ class Case:
     queues: int
     bs: int = 4096
     #: extra options for *our* side only: "python" (fast-path=off: every request through the
-    #: Python handler), "iothreads" (queues spread over one iothread each; qsd keeps all its
-    #: queues on one iothread, its best setup) or "poll0" (our iothread with poll-max-ns=0)
+    #: node graph's Python code, in batches), "iothreads" (queues spread over one iothread
+    #: each; qsd keeps all its queues on one iothread, its best setup) or "poll0" (our iothread with poll-max-ns=0)
     variant: str = ""
 
     @property
@@ -143,7 +143,7 @@ def all_cases() -> list[Case]:
             Case(backend, "read", 16, 1, bs=65536),
             Case(backend, "write", 16, 1, bs=65536),
         ]
-    # Python code per request, compared with qsd's null-co: the general Python handler
+    # Python code per request, compared with qsd's null-co: the node graph's batch path
     # (fast-path=off), and a driver written in Python (x-memory, batched).
     # the same file under a raw format node with an offset, both sides (the graph's cost)
     cases.append(Case("raw", "randread", 32, 1))

@@ -6,8 +6,8 @@ Options (qemu-storage-daemon's vhost-user-blk export, plus ours marked *):
 ``num-queues`` (default 64, qsd's is 1: see DEFAULT_QUEUES), ``share-rw``\\*, ``removable``\\*,
 ``rerror``\\*, ``werror``\\*, ``serial``\\*,
 ``fast-path``\\* (on: requests C can serve skip Python; off: every request goes through the
-Python handler, e.g. to compare or debug), ``socket-mode``\\* (the UNIX socket's permissions,
-octal, default 0600: only the daemon's user may connect).
+node graph's Python code, in batches, e.g. to compare or debug), ``socket-mode``\\* (the UNIX
+socket's permissions, octal, default 0600: only the daemon's user may connect).
 Runs in the main thread.
 """
 

@@ -406,7 +406,7 @@ class BlockCommands:
 
     def set_fast_path(self, args: dict[str, Any]) -> None:
         """Extension: ``{"id": EXPORT, "enable": bool}`` — serve plain reads/writes/flushes in
-        C (the default) or send every request through the Python handler."""
+        C (the default) or send every request through the node graph's Python code (batches)."""
         args_check(args, required=("id", "enable"))
         eid = arg_str(args, "id")
         exp = self.d.exports.get(eid)

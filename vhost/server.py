@@ -97,8 +97,9 @@ class VuQueue:
 
     The ring is driven from C (``struct pyvu_fastq`` in ``vhost/csrc/virtio_blk_queue.c``): the
     kick eventfd is a C handler of the context's poller, which pops every request and serves in
-    C those it can.  The rest (and fast requests that failed) come back here through
-    ``_python_work`` and go to the device's Python handler.  Counters live in the C struct,
+    C those it can.  The rest come back here through ``_python_work``: a block device's parsed
+    requests as batches (``serve_batch``) and failed ones (``handle_failed``), any other
+    device's raw elements (``handle_request``).  Counters live in the C struct,
     shared by both paths.
     """
 

@@ -213,6 +213,14 @@ struct pyvu_req {
 };
 
 static int pyvu_fast_start(struct pyvu_fastq *q, struct pyvu_req *r, int each);
+
+/* A read, write or flush: what a C engine can take from a batch (pyvu_fastq_submit*); the
+ * other types (discard, write-zeroes) are the node graph's. */
+static inline int pyvu_req_is_io(const struct pyvu_req *r)
+{
+    return r->type == VIRTIO_BLK_T_IN || r->type == VIRTIO_BLK_T_OUT ||
+           r->type == VIRTIO_BLK_T_FLUSH;
+}
 static void pyvu_touch(struct pyvu_fastq *q, struct pyvu_fastq **head);
 static void pyvu_fastq_flush(struct pyvu_fastq *q);
 static void pyvu_fast_fail(struct pyvu_req *r, int err);

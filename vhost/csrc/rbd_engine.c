@@ -140,8 +140,8 @@ static int pyvu_fastq_submit_rbd(struct pyvu_fastq *q, struct pyvu_rbd *e, void 
     for (int i = 0; i < n; i++) {
         struct pyvu_req *r = handles[i];
         int rc;
-        if (ret[i] != PYVU_BATCH_UNSET) {
-            continue;
+        if (ret[i] != PYVU_BATCH_UNSET || !pyvu_req_is_io(r)) {
+            continue;               /* answered, taken by someone else, or not an I/O */
         }
         ret[i] = PYVU_BATCH_PENDING;
         r->offset = offset[i];

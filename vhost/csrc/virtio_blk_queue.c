@@ -726,9 +726,7 @@ static int pyvu_fastq_submit(struct pyvu_fastq *q, int fd, int laio, void **hand
     }
     for (int i = 0; i < n; i++) {
         struct pyvu_req *r = handles[i];
-        if (ret[i] != PYVU_BATCH_UNSET || (r->type != VIRTIO_BLK_T_IN &&
-                                             r->type != VIRTIO_BLK_T_OUT &&
-                                             r->type != VIRTIO_BLK_T_FLUSH)) {
+        if (ret[i] != PYVU_BATCH_UNSET || !pyvu_req_is_io(r)) {
             continue;               /* answered, taken by someone else, or not an I/O */
         }
         ret[i] = PYVU_BATCH_PENDING;
