@@ -90,7 +90,8 @@ class Case:
     bs: int = 4096
     #: extra options for *our* side only: "python" (fast-path=off: every request through the
     #: node graph's Python code, in batches), "iothreads" (queues spread over one iothread
-    #: each; qsd keeps all its queues on one iothread, its best setup) or "poll0" (our iothread with poll-max-ns=0)
+    #: each; qsd keeps all its queues on one iothread, its best setup) or "poll0" (our
+    #: iothread with poll-max-ns=0)
     variant: str = ""
 
     @property
