@@ -207,6 +207,8 @@ struct pyvu_fastq {
     int nslow;
     int nfailed;
     int nbatch;
+    int ndone;          /* completed, not yet pushed (x-pyvhost-stats' x-debug) */
+    int py_reported;
     ...;
 };
 void pyvu_fastq_init(struct pyvu_fastq *q, struct pyvu_dev *d, int qidx,

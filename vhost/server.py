@@ -56,6 +56,7 @@ from blocklayer.aio import (
 )
 from vhost.device import VuDevice
 from vhost.ffi import ffi, lib
+from vhost.vring_debug import vring_state
 
 log = logging.getLogger("pyvhost_blk.vhost")
 
@@ -280,9 +281,18 @@ class VuQueue:
 
         old.schedule(detach_then_attach)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        cq = self.cq
+        # x-debug: what a stalled guest may be waiting for (see vhost/vring_debug.py)
+        debug = {"ndone": cq.ndone, "nbatch": cq.nbatch, "nfailed": cq.nfailed,
+                 "nslow": cq.nslow, "py-reported": cq.py_reported, "paused": cq.paused,
+                 "c-flush-scheduled": self._c_flush_scheduled, "python-done": len(self._done),
+                 **vring_state(self.conn.pdev, self.conn.dev, self.idx)}
+        blk = self.conn.device.request_state()
+        if blk is not None and blk != ffi.NULL:
+            debug["blk-in-flight"] = blk.in_flight
         return {"queue": self.idx, "requests": self.requests, "kicks": self.kicks,
-                "in-flight": self.in_flight, "iothread": self.ctx.name}
+                "in-flight": self.in_flight, "iothread": self.ctx.name, "x-debug": debug}
 
 
 class VuConnection:
@@ -641,6 +651,7 @@ class VuServer:
                 "in-flight": cur["in-flight"],
                 "kicks": cur["kicks"],
                 "iothread": self.device.queue_context(i).name,
+                **({"x-debug": cur["x-debug"]} if "x-debug" in cur else {}),
             })
         return {"connections": self.connections, "connected": self.conn is not None,
                 "queues": queues}

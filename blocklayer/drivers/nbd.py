@@ -336,6 +336,24 @@ class NbdDriver(BlockDriver):
     def can_write(self) -> bool:
         return not self.read_only
 
+    def query_info(self) -> dict[str, Any]:
+        """The connection's state, for diagnosing a stall (main thread; libnbd's own
+        counters are read under its handle lock)."""
+        h = self._h
+        d: dict[str, Any] = {
+            "state": ("connected", "reconnecting", "closed")[self._state],
+            "reconnects": self.reconnects, "waiting": len(self._waiting),
+            "completed": len(self._completed), "fd": self._fd, "writing": self._writing,
+        }
+        if h is not None:
+            try:
+                d.update({"libnbd-in-flight": h.aio_in_flight(),
+                          "libnbd-direction": h.aio_get_direction(),
+                          "libnbd-ready": bool(h.aio_is_ready())})
+            except self.nbd.Error as e:
+                d["libnbd-error"] = str(e.string)
+        return {"x-nbd": d}
+
     def limits(self) -> tuple[int, int]:
         """The server's minimum block size, else 512 as QEMU assumes (a server that states
         nothing may still reject smaller requests)."""

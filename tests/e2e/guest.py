@@ -535,6 +535,19 @@ class Guest:
             self._exec(f"rm -f {path}", 30)
         return status, _WATCHER_LINE.sub("", out)
 
+    def block_diagnostics(self, dev: str = "vda") -> str:
+        """The guest's view of a disk, for a stalled test: requests in flight per direction
+        (``inflight``: reads writes), the I/O counters, the virtio interrupts, the block
+        layer's busy tags (debugfs, when the kernel has it) and the kernel's last lines."""
+        status, out = self.run(
+            f"echo inflight: $(cat /sys/block/{dev}/inflight); "
+            f"echo stat: $(cat /sys/block/{dev}/stat); grep -i virtio /proc/interrupts; "
+            "mount -t debugfs none /sys/kernel/debug 2>/dev/null; "
+            f"for f in /sys/kernel/debug/block/{dev}/hctx*/busy "
+            f"/sys/kernel/debug/block/{dev}/hctx*/dispatch; do echo \"$f: $(cat $f)\"; done "
+            "2>/dev/null; dmesg | tail -n 15", timeout=30)
+        return f"(status {status})\n{out}"
+
     def run_ok(self, cmd: str, timeout: float = 120) -> str:
         """Like run() but raise GuestError on a non-zero exit status."""
         status, out = self.run(cmd, timeout)

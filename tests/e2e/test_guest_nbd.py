@@ -10,6 +10,7 @@ A missing qemu-nbd or libnbd fails the test with how to install it (never a skip
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -103,6 +104,30 @@ def _check_fio(status: int, out: str) -> None:
         assert bad not in low, out[-6000:]
 
 
+def _stall_report(g: Guest, d: DaemonProcess, srv: QemuNbd) -> str:
+    """What the guest, the daemon's queue (vring indices, lists) and the nbd node each say
+    while fio is stuck; then a new request is sent (a nudge: its completion also delivers
+    anything pushed earlier whose notification was missed) and both are shown again."""
+    def snapshot(label: str) -> list[str]:
+        st = d.stats()
+        nodes = {n["node-name"]: n.get("x-nbd") for n in st["nodes"]}
+        exp = st["exports"]["exp0"]
+        return [f"=== {label} ===", "--- guest ---", g.block_diagnostics(),
+                "--- daemon queues ---", json.dumps(exp.get("queues"), indent=1),
+                "--- nbd node ---", json.dumps(nodes, indent=1),
+                "--- fio ---", g.run("tail -n 5 /tmp/fio.out", timeout=30)[1]]
+    parts = snapshot("stalled")
+    time.sleep(2)
+    parts += snapshot("stalled, 2 s later")
+    parts.append("nudge: " + repr(g.run("dd if=/dev/vda of=/dev/null bs=4k count=1 "
+                                        "iflag=direct skip=7", timeout=30)))
+    time.sleep(2)
+    parts += snapshot("after the nudge")
+    parts += ["--- daemon log (tail) ---", "\n".join(d.log().splitlines()[-40:]),
+              "--- qemu-nbd log ---", srv.log.read_text()[-2000:]]
+    return "\n".join(parts)
+
+
 def _no_guest_io_errors(g: Guest) -> None:
     status, out = g.run("dmesg | grep -iE 'I/O error|blk_update_request|critical medium' "
                         "|| true")
@@ -168,7 +193,9 @@ def test_guest_io_survives_server_restart(tmp_path: Path, guest_image) -> None:
                     status, rc = g.run("cat /tmp/fio.rc 2>/dev/null || true")
                     if rc.strip():
                         break
-                    assert time.monotonic() < deadline, "fio did not finish"
+                    if time.monotonic() >= deadline:
+                        pytest.fail("fio did not finish\n" + _stall_report(g, d, srv),
+                                    pytrace=False)
                     time.sleep(1)
                 status, out = g.run("cat /tmp/fio.out", timeout=60)
                 _check_fio(int(rc.split()[0]), out)
