@@ -413,12 +413,20 @@ class NbdDriver(BlockDriver):
                 cmds.append(cmd)
                 h = None
         if h is not None:
-            self._update_direction()
+            # libnbd accepts a command even when sending it breaks the connection: the
+            # handle is then dead, its commands were aborted (ENOTCONN, in _completed) and
+            # its socket closed -- out of the epoll set, so no event will tell us.
+            if _alive(h):
+                self._update_direction()
+            else:
+                self._connection_lost("the server closed the connection")
         if cmds:
             if leaf:
                 self._submit_all(cmds)
             else:
                 home.schedule(self._submit_all, cmds)
+        if leaf and self._completed:
+            self._drain()  # aborted commands wait for the reconnect; failures are reported
 
     def _batch_one(self, b: Batch, i: int) -> None:
         """A batch entry the batch path does not take: as a single request."""
