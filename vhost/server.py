@@ -287,6 +287,8 @@ class VuQueue:
         debug = {"ndone": cq.ndone, "nbatch": cq.nbatch, "nfailed": cq.nfailed,
                  "nslow": cq.nslow, "py-reported": cq.py_reported, "paused": cq.paused,
                  "c-flush-scheduled": self._c_flush_scheduled, "python-done": len(self._done),
+                 "messages": self.conn.messages,
+                 "last-messages": [m for m in self.conn.last_messages if isinstance(m, int)],
                  **vring_state(self.conn.pdev, self.conn.dev, self.idx)}
         blk = self.conn.device.request_state()
         if blk is not None and blk != ffi.NULL:
@@ -312,6 +314,8 @@ class VuConnection:
         self._closing = False
         self._waiting = False
         self._partial_since: float | None = None
+        self.messages = 0  # messages peeked at (a message waiting for a quiesce: again)
+        self.last_messages: list[Any] = []  # their request codes, the last 8
         if lib.pyvu_dev_init(self.pdev) != 0:
             raise OSError(errno.ENOMEM, "pthread_rwlock_init failed")
         ok = lib.vu_init(
@@ -398,6 +402,8 @@ class VuConnection:
             self._wait_for_rest()
             return
         need_quiesce = req not in _NO_QUIESCE
+        self.messages += 1  # x-pyvhost-stats' x-debug
+        self.last_messages = (self.last_messages + [req])[-8:]
         if need_quiesce:
             self.quiescing = True
             self._update_paused()
