@@ -413,13 +413,7 @@ class NbdDriver(BlockDriver):
                 cmds.append(cmd)
                 h = None
         if h is not None:
-            # libnbd accepts a command even when sending it breaks the connection: the
-            # handle is then dead, its commands were aborted (ENOTCONN, in _completed) and
-            # its socket closed -- out of the epoll set, so no event will tell us.
-            if _alive(h):
-                self._update_direction()
-            else:
-                self._connection_lost("the server closed the connection")
+            self._update_direction()  # or the connection broke while sending: see there
         if cmds:
             if leaf:
                 self._submit_all(cmds)
@@ -564,8 +558,17 @@ class NbdDriver(BlockDriver):
             self._rpoll = None
 
     def _update_direction(self) -> None:
-        """Home context: the write handler is set exactly while libnbd waits to send."""
-        want = bool(self._h.aio_get_direction() & self._dir_write)
+        """Home context, after each libnbd call on a connected handle: the write handler is
+        set exactly while libnbd waits to send.  Or the connection broke during the call:
+        libnbd accepts a command even when sending it fails, and its handle is then dead --
+        every command in flight aborted (ENOTCONN, in _completed) and the socket closed by
+        libnbd itself, which takes it out of the epoll set: no event will ever tell us, so
+        the caller's _drain must find the connection lost already."""
+        h = self._h
+        if not _alive(h):
+            self._connection_lost("the server closed the connection")
+            return
+        want = bool(h.aio_get_direction() & self._dir_write)
         if want != self._writing and self._fd >= 0:
             self._writing = want
             self._home.set_fd_handler(self._fd, self._on_readable,
@@ -658,12 +661,8 @@ class NbdDriver(BlockDriver):
             self._drain()
 
     def _after_event(self, h: Any) -> None:
-        if self._state != CONNECTED or h is not self._h:
-            return
-        if _alive(h):
+        if self._state == CONNECTED and h is self._h:
             self._update_direction()
-        else:
-            self._connection_lost("the server closed the connection")
 
     def _drain(self) -> None:
         """Home context, outside any libnbd call: finish the commands recorded as over."""
