@@ -68,6 +68,7 @@ import errno
 import logging
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -700,6 +701,8 @@ class NbdDriver(BlockDriver):
             return
         self._state = RECONNECTING
         self._unwatch()
+        if self._h is not None and _alive(self._h):
+            self._abort_commands(self._h)
         self._h = None  # libnbd closes the socket with the handle
         self._gen += 1
         self._disconnect_time = time.monotonic()
@@ -712,6 +715,37 @@ class NbdDriver(BlockDriver):
                     f"requests wait up to {self.reconnect_delay} s for a reconnect"
                     if self.reconnect_delay else "requests fail until it is back")
         self._start_reconnect_thread()
+
+    def _abort_commands(self, h: Any) -> None:
+        """Home context: the handle is given up while libnbd still thinks it works (a
+        command failed with ESHUTDOWN: the server is going away).  Dropping it as it is would
+        lose its other commands -- libnbd frees a closed handle's callbacks without calling
+        them -- so its socket is shut down and libnbd told: it then aborts every command
+        (ENOTCONN, into _completed, which the caller drains: they wait for the reconnect).
+        Only the home thread calls libnbd on this handle, so nothing reads it meanwhile."""
+        if not h.aio_in_flight():
+            return
+        try:
+            with socket.socket(fileno=os.dup(h.aio_get_fd())) as s:
+                s.shutdown(socket.SHUT_RDWR)
+        except OSError as e:
+            log.error("nbd node '%s': cannot shut the old connection down: %s",
+                      self.node_name, e)
+            return
+        # Replies already in the socket are still read (and complete normally), then EOF.
+        tries = h.aio_in_flight() + 2
+        while tries and _alive(h):
+            tries -= 1
+            try:
+                if h.aio_get_direction() & self._dir_write:
+                    h.aio_notify_write()  # EPIPE now
+                else:
+                    h.aio_notify_read()
+            except self.nbd.Error:
+                break
+        if _alive(h) and h.aio_in_flight():
+            log.error("nbd node '%s': %d commands of the old connection may be lost",
+                      self.node_name, h.aio_in_flight())
 
     def _start_reconnect_thread(self) -> None:
         t = threading.Thread(target=self._reconnect_loop, args=(self._gen,),

@@ -14,13 +14,16 @@ the socket's hang-up is never seen first), which forces the path deterministical
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from blocklayer.batch import PENDING, T_READ, T_WRITE, UNSET
-from tests.integration.test_nbd_driver import Servers, _image, servers  # noqa: F401
+from tests.integration.test_nbd_driver import NbdServer, Servers, _image, servers  # noqa: F401
 from vhost.ffi import ffi
 
 
@@ -91,6 +94,47 @@ def test_batch_write_meets_a_dead_server(tmp_path: Path, servers: Servers) -> No
         with open(img, "rb") as f:
             f.seek(8192)
             assert f.read(4096) == bytes(data)
+    finally:
+        bdrv_unref(bs)
+        ctx.close()
+
+
+def test_server_shutting_down_loses_no_command(tmp_path: Path, servers: Servers) -> None:  # noqa: F811
+    """A read fails with ESHUTDOWN (the server says it is going away) while a slow write is
+    still in flight on the same connection: the driver gives that connection up for a new
+    one.  The write is not lost with the old handle (libnbd would free its callback without
+    calling it): it is aborted, waits, and completes on the new connection, as does the
+    read once the server stops refusing."""
+    from blocklayer.aio import AioContext
+    from blocklayer.bdrv import bdrv_unref
+    from blocklayer.blockdev import blockdev_add
+
+    exe = shutil.which("nbdkit")
+    if exe is None:
+        pytest.fail("nbdkit not found: install it with 'apt-get install nbdkit'")
+    refuse = tmp_path / "refuse-reads"
+    refuse.touch()
+    sock = str(tmp_path / "nbdkit-err.sock")
+    srv = NbdServer([exe, "--foreground", "--unix", sock, "--filter=error", "--filter=delay",
+                     "memory", "64M", "delay-write=1", "error-pread=ESHUTDOWN",
+                     "error-pread-rate=100%", f"error-pread-file={refuse}"],
+                    tmp_path, unix=sock)
+    servers.started.append(srv)
+    ctx = AioContext("test")
+    bs = blockdev_add({"driver": "nbd", "node-name": "nbdrace1", "reconnect-delay": 30,
+                       "server": {"type": "unix", "path": sock}}, from_json=True)
+    drv = bs.drv
+    try:
+        data = bytearray(b"\xa5" * 4096)
+        w = FakeBatch(ctx, [(T_WRITE, 0, data)])
+        drv.batch_io(w)  # binds the node to ctx; the server holds the write for 1 s
+        r = FakeBatch(ctx, [(T_READ, 0, bytearray(4096))])
+        drv.batch_io(r)  # refused at once with ESHUTDOWN: the connection is given up
+        assert _poll_until(ctx, lambda: drv.reconnects == 1, 10), drv.query_info()
+        refuse.unlink()
+        assert _poll_until(ctx, lambda: bool(w.results) and bool(r.results), 15), (
+            "lost with the old connection: " + repr((w.results, r.results, drv.query_info())))
+        assert w.results == {0: 0} and r.results == {0: 0}
     finally:
         bdrv_unref(bs)
         ctx.close()
