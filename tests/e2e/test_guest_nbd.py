@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,9 +163,12 @@ def test_guest_fio_verify_through_nbd(tmp_path: Path, guest_image) -> None:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known bug, issue 13: in about 1 run of 6 (once in a CI run under load, never alone) the "
-    "guest's fio stalls in its verify phase a while after the reconnect, with nothing in "
-    "flight in the daemon (a completion the guest never saw); not yet found"))
+    "issue 13: once, in a CI run under load, the guest's fio stalled in its verify phase a "
+    "while after the reconnect, reportedly with nothing in flight in the daemon.  Two ways "
+    "the nbd driver lost commands across a connection loss are fixed "
+    "(tests/integration/test_nbd_races.py); that stall itself was not reproduced, so this "
+    "stays until it has run clean for longer.  A stall now dumps the vring indices, the "
+    "daemon's lists and the guest's view (stall-report.txt, warnings summary)"))
 def test_guest_io_survives_server_restart(tmp_path: Path, guest_image) -> None:
     """qemu-nbd killed while the guest's fio writes, back OUTAGE_S later: no guest error."""
     _img, srv, args = _setup(tmp_path, reconnect_delay=30)
@@ -194,8 +198,13 @@ def test_guest_io_survives_server_restart(tmp_path: Path, guest_image) -> None:
                     if rc.strip():
                         break
                     if time.monotonic() >= deadline:
-                        pytest.fail("fio did not finish\n" + _stall_report(g, d, srv),
-                                    pytrace=False)
+                        # An xfail hides the failure's text: the report also goes to a
+                        # file and to the warnings summary.
+                        report = _stall_report(g, d, srv)
+                        (tmp_path / "stall-report.txt").write_text(report)
+                        warnings.warn(f"nbd restart: guest stall, {tmp_path}/stall-report.txt"
+                                      f"\n{report}", stacklevel=1)
+                        pytest.fail("fio did not finish\n" + report, pytrace=False)
                     time.sleep(1)
                 status, out = g.run("cat /tmp/fio.out", timeout=60)
                 _check_fio(int(rc.split()[0]), out)
