@@ -60,6 +60,13 @@ background as in QEMU, whose connection attempts also run in a thread of their o
 blocking connection attempts (name resolution, connect, handshake) on a fresh handle with a
 growing pause, and hands a connected handle to the home context with a bottom half, where the
 waiting commands are resubmitted in order.
+
+Two rules keep a command from being lost across a connection loss.  A dead handle gives no
+event: libnbd may accept a command, fail to send it, abort everything in flight and close the
+socket itself (out of epoll), so after every libnbd call the handle is checked
+(``_update_direction``).  And a handle is never dropped with commands in flight: libnbd frees
+their callbacks without calling them, so one given up while still alive is shut down first
+(``_abort_commands``).
 """
 
 from __future__ import annotations
