@@ -56,7 +56,7 @@ from blocklayer.aio import (
 )
 from vhost.device import VuDevice
 from vhost.ffi import ffi, lib
-from vhost.vring_debug import vring_state
+from vhost.vring_debug import queue_debug
 
 log = logging.getLogger("pyvhost_blk.vhost")
 
@@ -282,19 +282,9 @@ class VuQueue:
         old.schedule(detach_then_attach)
 
     def stats(self) -> dict[str, Any]:
-        cq = self.cq
-        # x-debug: what a stalled guest may be waiting for (see vhost/vring_debug.py)
-        debug = {"ndone": cq.ndone, "nbatch": cq.nbatch, "nfailed": cq.nfailed,
-                 "nslow": cq.nslow, "py-reported": cq.py_reported, "paused": cq.paused,
-                 "c-flush-scheduled": self._c_flush_scheduled, "python-done": len(self._done),
-                 "messages": self.conn.messages,
-                 "last-messages": [m for m in self.conn.last_messages if isinstance(m, int)],
-                 **vring_state(self.conn.pdev, self.conn.dev, self.idx)}
-        blk = self.conn.device.request_state()
-        if blk is not None and blk != ffi.NULL:
-            debug["blk-in-flight"] = blk.in_flight
         return {"queue": self.idx, "requests": self.requests, "kicks": self.kicks,
-                "in-flight": self.in_flight, "iothread": self.ctx.name, "x-debug": debug}
+                "in-flight": self.in_flight, "iothread": self.ctx.name,
+                "x-debug": queue_debug(self)}  # what a stalled guest may wait for
 
 
 class VuConnection:

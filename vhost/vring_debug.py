@@ -15,6 +15,12 @@ A request the guest waits for and the daemon never popped shows as ``avail-idx !
 last-avail-idx`` with nothing happening; a completion whose call the guest missed as
 ``used-idx`` past ``used-event`` with ``signalled-used == used-idx``.
 
+``queue_debug`` adds the queue's C lists (``ndone``: completed, not yet pushed; ``nbatch``,
+``nfailed``, ``nslow``), whether a push of late completions is scheduled, the BlockBackend's
+in-flight count (decremented when a request completes, *before* its push: the queue's own
+``in-flight`` is decremented at the push), and the connection's vhost-user message count and
+last request codes (a message that quiesced the queues would show).
+
 libvhost-user's header is not part of the cffi declarations beyond a few fields (vhost/_build.py),
 so the fields declared next to ``last_avail_idx`` in libvhost-user.h (``shadow_avail_idx``,
 ``used_idx``, ``signalled_used``, ``signalled_used_valid``, ``notification``) are read at their
@@ -34,6 +40,23 @@ _LAST_AVAIL = ffi.offsetof("VuVirtq", "last_avail_idx")
 # libvhost-user.h: last_avail_idx, shadow_avail_idx, used_idx, signalled_used (uint16_t each),
 # signalled_used_valid, notification (bool)
 _LAYOUT_OK = ffi.offsetof("VuVirtq", "used_idx") == _LAST_AVAIL + 4
+
+
+def queue_debug(queue: Any) -> dict[str, Any]:
+    """``x-debug`` of a ``vhost.server.VuQueue`` (main thread)."""
+    cq, conn = queue.cq, queue.conn
+    d: dict[str, Any] = {
+        "ndone": cq.ndone, "nbatch": cq.nbatch, "nfailed": cq.nfailed, "nslow": cq.nslow,
+        "py-reported": cq.py_reported, "paused": cq.paused,
+        "c-flush-scheduled": queue._c_flush_scheduled, "python-done": len(queue._done),
+        "messages": conn.messages,
+        "last-messages": [m for m in conn.last_messages if isinstance(m, int)],
+        **vring_state(conn.pdev, conn.dev, queue.idx),
+    }
+    blk = conn.device.request_state()
+    if blk is not None and blk != ffi.NULL:
+        d["blk-in-flight"] = blk.in_flight
+    return d
 
 
 def vring_state(pdev: Any, dev: Any, qidx: int) -> dict[str, Any]:
