@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,20 +109,31 @@ def _check_fio(status: int, out: str) -> None:
 def _stall_report(g: Guest, d: DaemonProcess, srv: QemuNbd) -> str:
     """What the guest, the daemon's queue (vring indices, lists) and the nbd node each say
     while fio is stuck; then a new request is sent (a nudge: its completion also delivers
-    anything pushed earlier whose notification was missed) and both are shown again."""
-    def snapshot(label: str) -> list[str]:
+    anything pushed earlier whose notification was missed) and both are shown again.  Each
+    part that fails (a guest whose disk hangs, a daemon that does not answer) says so and
+    the rest goes on."""
+    def attempt(what: Callable[[], str]) -> str:
+        try:
+            return what()
+        except Exception as e:  # a diagnostic must not hide the others
+            return f"({type(e).__name__}: {e})"
+
+    def daemon() -> str:
         st = d.stats()
         nodes = {n["node-name"]: n.get("x-nbd") for n in st["nodes"]}
-        exp = st["exports"]["exp0"]
-        return [f"=== {label} ===", "--- guest ---", g.block_diagnostics(),
-                "--- daemon queues ---", json.dumps(exp.get("queues"), indent=1),
-                "--- nbd node ---", json.dumps(nodes, indent=1),
-                "--- fio ---", g.run("tail -n 5 /tmp/fio.out", timeout=30)[1]]
+        return ("--- daemon queues ---\n" + json.dumps(st["exports"]["exp0"].get("queues"),
+                                                        indent=1)
+                + "\n--- nbd node ---\n" + json.dumps(nodes, indent=1))
+
+    def snapshot(label: str) -> list[str]:
+        return [f"=== {label} ===", "--- guest ---", attempt(g.block_diagnostics),
+                attempt(daemon), "--- fio ---",
+                attempt(lambda: g.run("tail -n 5 /tmp/fio.out", timeout=30)[1])]
     parts = snapshot("stalled")
     time.sleep(2)
     parts += snapshot("stalled, 2 s later")
-    parts.append("nudge: " + repr(g.run("dd if=/dev/vda of=/dev/null bs=4k count=1 "
-                                        "iflag=direct skip=7", timeout=30)))
+    parts.append("nudge: " + attempt(lambda: repr(g.run(
+        "dd if=/dev/vda of=/dev/null bs=4k count=1 iflag=direct skip=7", timeout=30))))
     time.sleep(2)
     parts += snapshot("after the nudge")
     parts += ["--- daemon log (tail) ---", "\n".join(d.log().splitlines()[-40:]),
