@@ -252,8 +252,11 @@ class AioContext:
                     except Exception:
                         log.exception("unhandled exception in fd write handler %r", writer)
                     progress = True
-                    if not events & _READ_EVENTS or fd not in self._handlers:
-                        continue
+                if not events & _READ_EVENTS:
+                    # only writable: no read handler call (its writer may have gone since the
+                    # wait, and a read with nothing to read is not harmless: libnbd then holds
+                    # new commands until a reply comes)
+                    continue
                 token = fd
             handler = self._handlers.get(token)
             if handler is not None:

@@ -170,6 +170,43 @@ def test_fd_write_handler(ctx):
         b.close()
 
 
+def test_writable_only_event_never_calls_the_read_handler(ctx):
+    """An fd reported only writable whose write handler another handler removed after the
+    wait (same round of events): its read handler is not called -- there is nothing to read
+    (for libnbd a read then would hold new commands until a reply arrives)."""
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        reads: list[bytes] = []
+        os.write(w, b"x")  # the pipe is ready first, so its handler runs first
+
+        def on_read() -> None:
+            try:
+                reads.append(a.recv(100))
+            except BlockingIOError:
+                reads.append(b"<nothing to read>")
+
+        def on_pipe() -> None:
+            os.read(r, 10)
+            ctx.set_fd_handler(a.fileno(), on_read)  # its write handler is gone
+
+        ctx.set_fd_handler(r, on_pipe)
+        ctx.set_fd_handler(a.fileno(), on_read, write_handler=lambda: None)
+        assert ctx.aio_poll(blocking=True, timeout=5) is True
+        assert reads == []
+        b.send(b"data")  # a real read event still reaches it
+        assert ctx.aio_poll(blocking=True, timeout=5) is True
+        assert reads == [b"data"]
+    finally:
+        ctx.set_fd_handler(r, None)
+        ctx.set_fd_handler(a.fileno(), None)
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
 def test_write_handler_on_hangup(ctx):
     """The peer went away: a write-only fd's handler runs (EPOLLHUP/EPOLLERR), so the writer
     learns of it."""
