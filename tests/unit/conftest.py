@@ -35,6 +35,11 @@ from blocklayer.block_backend import (
 )
 from blocklayer.blockdev import blockdev_add
 from vhost.ffi import ffi, lib
+from virtio.constants import VirtioBlkStatus, VirtioBlkType
+
+# virtio-blk statuses and request types as plain ints, for the request tests
+OK, IOERR, UNSUPP = int(VirtioBlkStatus.OK), int(VirtioBlkStatus.IOERR), int(VirtioBlkStatus.UNSUPP)
+T_IN, T_OUT, T_FLUSH = int(VirtioBlkType.IN), int(VirtioBlkType.OUT), int(VirtioBlkType.FLUSH)
 
 _names = itertools.count()
 

@@ -29,17 +29,23 @@ from blocklayer.block_backend import (
 )
 from blocklayer.events import set_event_emitter
 from blocklayer.iothread import IOThread
-from tests.unit.conftest import drain_bhs, outhdr, pattern, run_until, unique
+from tests.unit.conftest import (
+    IOERR,
+    OK,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    UNSUPP,
+    drain_bhs,
+    outhdr,
+    pattern,
+    run_until,
+    unique,
+)
 from vhost.ffi import lib
 from virtio.blk_export import VhostUserBlkExport
-from virtio.constants import VirtioBlkStatus, VirtioBlkType
+from virtio.constants import VirtioBlkType
 
-OK = int(VirtioBlkStatus.OK)
-IOERR = int(VirtioBlkStatus.IOERR)
-UNSUPP = int(VirtioBlkStatus.UNSUPP)
-T_IN = int(VirtioBlkType.IN)
-T_OUT = int(VirtioBlkType.OUT)
-T_FLUSH = int(VirtioBlkType.FLUSH)
 T_DISCARD = int(VirtioBlkType.DISCARD)
 T_WZ = int(VirtioBlkType.WRITE_ZEROES)
 UNMAP_FLAG = lib.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP

@@ -13,15 +13,19 @@ import pytest
 from blocklayer.accounting import BlockAcctType
 from blocklayer.bdrv import BlockDriver, BlockDriverState
 from tests.frontend.vhost_user import POISON, STATUS_UNSET
-from tests.unit.conftest import outhdr, pattern, unique
-from virtio.constants import VIRTIO_BLK_T_BARRIER, VirtioBlkStatus, VirtioBlkType
+from tests.unit.conftest import (
+    IOERR,
+    OK,
+    T_FLUSH,
+    T_IN,
+    T_OUT,
+    UNSUPP,
+    outhdr,
+    pattern,
+    unique,
+)
+from virtio.constants import VIRTIO_BLK_T_BARRIER, VirtioBlkType
 
-OK = int(VirtioBlkStatus.OK)
-IOERR = int(VirtioBlkStatus.IOERR)
-UNSUPP = int(VirtioBlkStatus.UNSUPP)
-T_IN = int(VirtioBlkType.IN)
-T_OUT = int(VirtioBlkType.OUT)
-T_FLUSH = int(VirtioBlkType.FLUSH)
 T_GET_ID = int(VirtioBlkType.GET_ID)
 READ = BlockAcctType.READ
 WRITE = BlockAcctType.WRITE
