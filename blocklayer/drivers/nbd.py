@@ -632,45 +632,43 @@ class NbdDriver(BlockDriver):
         """Home context: the socket has data (or an error / EOF).  Read every reply waiting,
         calling aio_notify_read only while there is something to read (see the module's
         docstring)."""
-        if self._state != CONNECTED:
-            return
-        h = self._h
-        try:
+        self._on_event(self._read_replies)
+
+    def _read_replies(self, h: Any) -> None:
+        h.aio_notify_read()
+        # More replies waiting?  Only while commands are in flight, and only plain data
+        # (an EOF or error is left to the next wake-up, which reads it as one).
+        more, in_flight, n = self._rpoll.poll, h.aio_in_flight, MAX_REPLIES_PER_WAKE
+        while n and in_flight():
+            ready = more(0)
+            if not ready or ready[0][1] != select.POLLIN:
+                break
             h.aio_notify_read()
-            # More replies waiting?  Only while commands are in flight, and only plain data
-            # (an EOF or error is left to the next wake-up, which reads it as one).
-            more, in_flight, n = self._rpoll.poll, h.aio_in_flight, MAX_REPLIES_PER_WAKE
-            while n and in_flight():
-                ready = more(0)
-                if not ready or ready[0][1] != select.POLLIN:
-                    break
-                h.aio_notify_read()
-                n -= 1
-        except self.nbd.Error as e:
-            self._connection_lost(str(e.string))
-        else:
-            self._after_event(h)
-        if self._completed:
-            self._drain()
+            n -= 1
 
     def _on_writable(self) -> None:
         """Home context: libnbd waited to send and the socket has room."""
+        self._on_event(self._send_waiting)
+
+    def _send_waiting(self, h: Any) -> None:
+        if h.aio_get_direction() & self._dir_write:
+            h.aio_notify_write()
+
+    def _on_event(self, step: Callable[[Any], None]) -> None:
+        """Home context: one socket event's libnbd calls (``step``), then the dead-handle and
+        direction check, and the completions they produced."""
         if self._state != CONNECTED:
             return
         h = self._h
         try:
-            if h.aio_get_direction() & self._dir_write:
-                h.aio_notify_write()
+            step(h)
         except self.nbd.Error as e:
             self._connection_lost(str(e.string))
         else:
-            self._after_event(h)
+            if self._state == CONNECTED and h is self._h:
+                self._update_direction()
         if self._completed:
             self._drain()
-
-    def _after_event(self, h: Any) -> None:
-        if self._state == CONNECTED and h is self._h:
-            self._update_direction()
 
     def _drain(self) -> None:
         """Home context, outside any libnbd call: finish the commands recorded as over."""
