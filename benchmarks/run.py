@@ -161,8 +161,10 @@ SWEEP_DEPTHS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def sweep_cases() -> list[Case]:
     """``--sweep``: 4 KiB randread on one queue at every depth of SWEEP_DEPTHS, null-co and
-    file, both sides with their default settings (one iothread, ours polling adaptively)."""
-    return [Case(backend, "randread", qd, 1)
+    file, both sides with their default settings (one iothread, ours polling adaptively), then
+    the same with our polling off (the ``-poll0`` variant)."""
+    return [Case(backend, "randread", qd, 1, variant=variant)
+            for variant in ("", "poll0")
             for backend in ("null", "file") for qd in SWEEP_DEPTHS]
 
 
@@ -646,7 +648,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help="run the depth sweep instead of the default cases: 4k randread, one "
                         "queue, QD " + ",".join(map(str, SWEEP_DEPTHS)) + ", null-co and file, "
-                        "default settings (--cases filters it too)")
+                        "default settings and with our polling off (-poll0); --cases filters it")
     p.add_argument("--ours-file-opts", default=OURS_FILE_OPTS, metavar="OPTS",
                    help=f"extra --blockdev options for our file backend (default {OURS_FILE_OPTS})")
     p.add_argument("--qsd-file-opts", default=QSD_FILE_OPTS, metavar="OPTS",

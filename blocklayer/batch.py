@@ -50,7 +50,7 @@ UNSET = lib.PYVU_BATCH_UNSET
 class Batch:
     """Parallel C arrays describing ``n`` parsed requests of one queue (filled by ``take``)."""
 
-    MAX = lib.PYVU_NOTIFY_EVERY  # per take: answered and pushed before the next (pyvu.h)
+    MAX = lib.PYVU_BATCH_TAKE  # per take: answered and pushed before the next (pyvu.h)
 
     def __init__(self, ctx: Any, cq: Any, on_late_done: Callable[[], None],
                  size: int | None = None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import DaemonProcess, run_client
-from tests.frontend.vhost_user import S_OK, connect
+from tests.frontend.vhost_user import S_OK, Segment, connect
 
 MIB = 1 << 20
 
@@ -112,3 +112,27 @@ def test_short_read_at_the_end_is_counted_once(tmp_path: Path) -> None:
         assert st == S_OK and data == img.read_bytes()[MIB:] + bytes(412)
         bs = d.stats()["exports"]["o"]["blockstats"]
         assert bs["rd_operations"] == 1 and bs["failed_rd_operations"] == 0, bs
+
+
+@pytest.mark.parametrize("aio", ["native", "io_uring"])
+def test_one_kick_for_more_requests_than_one_serve_pops(tmp_path: Path, aio: str) -> None:
+    """An engine's queue is popped PYVU_SUBMIT_EVERY requests at a time, for a bounded number
+    of rounds per kick; what is left in the ring is served without another kick from the
+    frontend (and without polling to find it)."""
+    n = 250  # more than PYVU_SUBMIT_EVERY x PYVU_BUSY_ROUNDS (4 x 32)
+    args = ["--object", "iothread,id=io0,poll-max-ns=0",
+            *_file_export(tmp_path, "d", aio, 1, size=4 * MIB)]
+    with DaemonProcess(args, tmp_path) as d, connect(str(tmp_path / "d.sock")) as fe:
+        fe.setup(queue_size=256, num_queues=1, arena_size=2 << 20)
+        q = fe.queues[0]
+        reqs = []
+        for i in range(n):  # page-aligned data (O_DIRECT: the C path), one descriptor each
+            data = q.arena.alloc(4096, align=4096)
+            reqs.append(q.add_chain([Segment(q.buffer(_hdr(0, 8 * i)), 16, False),
+                                     Segment(data, 4096, True),
+                                     Segment(q.buffer(length=1), 1, True)], indirect=True))
+        q.kick()  # once, for all of them
+        q.wait(reqs, 10)
+        assert all(r.status == S_OK for r in reqs)
+        assert d.stats()["exports"]["d"]["fast-path-requests"] >= n
+        assert d.terminate() == 0

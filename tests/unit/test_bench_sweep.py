@@ -9,11 +9,11 @@ from benchmarks import run
 
 def test_sweep_covers_every_depth_for_null_and_file() -> None:
     cases = run.sweep_cases()
-    assert {(c.backend, c.iodepth) for c in cases} == {
-        (b, qd) for b in ("null", "file") for qd in (1, 2, 4, 8, 16, 32, 64, 128)}
-    # default settings on both sides: one queue, 4k randread, no variant of our side
-    assert all(c.rw == "randread" and c.bs == 4096 and c.queues == 1 and not c.variant
-               for c in cases)
+    assert {(c.backend, c.iodepth, c.variant) for c in cases} == {
+        (b, qd, v) for b in ("null", "file") for qd in (1, 2, 4, 8, 16, 32, 64, 128)
+        for v in ("", "poll0")}
+    # default settings on both sides (and our polling off): one queue, 4k randread
+    assert all(c.rw == "randread" and c.bs == 4096 and c.queues == 1 for c in cases)
     assert len({c.name for c in cases}) == len(cases)
 
 

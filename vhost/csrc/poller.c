@@ -271,17 +271,21 @@ static int pyvu_take_overflow(uint64_t *out, int max)
  * A kick serves the queue for as long as the frontend keeps it busy, as qsd's request loop
  * does: completions that are already there after submitting (page cache, null-co) are
  * finished at once, and requests that arrived meanwhile are popped, without a trip through
- * epoll and two eventfds per request.  Bounded, so the context's other handlers get their turn.
+ * epoll and two eventfds per request.  Bounded, so the context's other handlers get their turn;
+ * a queue left with requests in its ring (popped PYVU_SUBMIT_EVERY at a time) kicks itself, so
+ * it is served again after them.
  */
 #define PYVU_BUSY_ROUNDS 32
 
 /* Serve a queue that has requests (a kick, or polling saw them): see PYVU_BUSY_ROUNDS. */
 static void pyvu_serve_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int max)
 {
-    int reaped = 0;
+    int reaped = 0, more = 0;
+    /* an engine's completions are pushed every PYVU_SUBMIT_EVERY requests (pyvu.h says why) */
+    int limit = q->laio || q->ring ? PYVU_SUBMIT_EVERY : 0;
     for (int round = 0; round < PYVU_BUSY_ROUNDS; round++) {
         uint64_t before = q->requests;
-        pyvu_fastq_process(q);
+        more = pyvu_fastq_process_some(q, limit);
         if (q->laio) {
             long inflight = q->laio->inflight;
             pyvu_laio_complete(q->laio, out, nout, max);
@@ -305,6 +309,9 @@ static void pyvu_serve_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int
     if (reaped && q->laio->inflight == 0 && !q->laio->npending) {
         eventfd_t v;
         eventfd_read(q->laio->efd, &v);     /* nonblocking: may be 0 */
+    }
+    if (more && q->kick_fd >= 0) {
+        eventfd_write(q->kick_fd, 1);       /* requests left in the ring: come back for them */
     }
     pyvu_report_queue(q, out, nout, max);
 }

@@ -495,31 +495,30 @@ static int pyvu_fastq_check_rings(struct pyvu_fastq *q, VuVirtq *vq)
     return 1;
 }
 
-/*
- * Completions are pushed and the frontend notified while popping: after the first completed
- * request of a pop loop (so the frontend can start reaping while we go on), then every
- * PYVU_NOTIFY_EVERY (vhost/pyvu.h, which says why).
- */
-
-/* Pop and serve everything available.  Queue's thread, GIL released. */
-static void pyvu_fastq_process(struct pyvu_fastq *q)
+/* Pop and serve what is available, at most `limit` requests (0: everything); a request done
+ * at once is pushed at once (PYVU_SUBMIT_EVERY in vhost/pyvu.h says why).  Returns 1 if it
+ * stopped at the limit (the ring may hold more).  Queue's thread, GIL released. */
+static int pyvu_fastq_process_some(struct pyvu_fastq *q, int limit)
 {
     struct pyvu_dev *d = q->pdev;
     VuDev *dev = &d->vu;
+    int popped = 0;
 
     pthread_rwlock_rdlock(&d->lock);
     if (__atomic_load_n(&q->paused, __ATOMIC_ACQUIRE) || d->vu.broken) {
         pthread_rwlock_unlock(&d->lock);
-        return;
+        return 0;
     }
     VuVirtq *vq = &dev->vq[q->qidx];
     if (q->checked_gen != d->gen && !pyvu_fastq_check_rings(q, vq)) {
         pthread_rwlock_unlock(&d->lock);
-        return;
+        return 0;
     }
-    int notified = 0;
     while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX &&
            q->nbatch < PYVU_QMAX) {
+        if (limit && popped == limit) {
+            break;
+        }
         const char *why = pyvu_next_chain_problem(dev, vq);
         if (why) {
             vu_panic(dev, "queue %d: %s", q->qidx, why);
@@ -529,15 +528,13 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
         if (!r) {
             break;
         }
+        popped++;
         pyvu_q_in_flight_add(q, 1);
         q->requests++;
         if (!pyvu_fast_start(q, r, 0)) {
             q->slow[q->nslow++] = &r->elem;
         }
-        if (q->ndone >= (notified ? PYVU_NOTIFY_EVERY : 1)) {
-            pyvu_fastq_flush_locked(q);
-            notified = 1;
-        }
+        pyvu_fastq_flush_locked(q);     /* done at once (null-co): the frontend sees it now */
     }
     if (q->laio && q->laio->npending) {
         pyvu_laio_submit(q->laio);
@@ -547,6 +544,13 @@ static void pyvu_fastq_process(struct pyvu_fastq *q)
     }
     pyvu_fastq_flush_locked(q);
     pthread_rwlock_unlock(&d->lock);
+    return limit && popped == limit;
+}
+
+/* Pop and serve everything available.  Queue's thread, GIL released. */
+static void pyvu_fastq_process(struct pyvu_fastq *q)
+{
+    pyvu_fastq_process_some(q, 0);
 }
 
 static int pyvu_fastq_needs_python(struct pyvu_fastq *q)
