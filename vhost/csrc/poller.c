@@ -281,11 +281,9 @@ static int pyvu_take_overflow(uint64_t *out, int max)
 static void pyvu_serve_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int max)
 {
     int reaped = 0, more = 0;
-    /* an engine's completions are pushed every PYVU_SUBMIT_EVERY requests (pyvu.h says why) */
-    int limit = q->laio || q->ring ? PYVU_SUBMIT_EVERY : 0;
     for (int round = 0; round < PYVU_BUSY_ROUNDS; round++) {
         uint64_t before = q->requests;
-        more = pyvu_fastq_process_some(q, limit);
+        more = pyvu_fastq_process_some(q, 1);
         if (q->laio) {
             long inflight = q->laio->inflight;
             pyvu_laio_complete(q->laio, out, nout, max);

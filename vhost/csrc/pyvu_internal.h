@@ -226,7 +226,8 @@ static void pyvu_fastq_flush(struct pyvu_fastq *q);
 static void pyvu_fast_fail(struct pyvu_req *r, int err);
 static void pyvu_fast_cqe(struct pyvu_req *r, int res);
 static void pyvu_fastq_process(struct pyvu_fastq *q);
-static int pyvu_fastq_process_some(struct pyvu_fastq *q, int limit);
+static int pyvu_fastq_process_some(struct pyvu_fastq *q, int chunks);
+static int pyvu_fastq_pop_limit(struct pyvu_fastq *q);
 static int pyvu_fastq_needs_python(struct pyvu_fastq *q);
 static void pyvu_report_queue(struct pyvu_fastq *q, uint64_t *out, int *nout, int max);
 

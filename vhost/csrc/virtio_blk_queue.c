@@ -153,6 +153,19 @@ static int pyvu_c_serves(struct pyvu_fastq *q, struct pyvu_blkstate *b)
     }
 }
 
+/* How many requests a queue pops before its engine submits and reaps them (0: all there
+ * are): PYVU_SUBMIT_EVERY when C serves it through Linux AIO or io_uring (vhost/pyvu.h says
+ * why); Python's batches keep their own size (PYVU_BATCH_TAKE).  The queue's thread, under
+ * the device's lock. */
+static int pyvu_fastq_pop_limit(struct pyvu_fastq *q)
+{
+    struct pyvu_blkstate *b = q->blk;
+    if (!b || b->driver == DRV_NULL || !pyvu_c_serves(q, b)) {
+        return 0;
+    }
+    return PYVU_SUBMIT_EVERY;
+}
+
 /* Queue a parsed, checked request for Python's node graph (blocklayer/batch.py). */
 static void pyvu_batch_add(struct pyvu_fastq *q, struct pyvu_req *r)
 {
@@ -495,14 +508,15 @@ static int pyvu_fastq_check_rings(struct pyvu_fastq *q, VuVirtq *vq)
     return 1;
 }
 
-/* Pop and serve what is available, at most `limit` requests (0: everything); a request done
- * at once is pushed at once (PYVU_SUBMIT_EVERY in vhost/pyvu.h says why).  Returns 1 if it
- * stopped at the limit (the ring may hold more).  Queue's thread, GIL released. */
-static int pyvu_fastq_process_some(struct pyvu_fastq *q, int limit)
+/* Pop and serve what is available -- with `chunks`, at most pyvu_fastq_pop_limit(q)
+ * requests -- a request done at once pushed at once (PYVU_SUBMIT_EVERY in vhost/pyvu.h says
+ * why).  Returns 1 if it stopped at the limit (the ring may hold more).  Queue's thread, GIL
+ * released. */
+static int pyvu_fastq_process_some(struct pyvu_fastq *q, int chunks)
 {
     struct pyvu_dev *d = q->pdev;
     VuDev *dev = &d->vu;
-    int popped = 0;
+    int popped = 0, limit;
 
     pthread_rwlock_rdlock(&d->lock);
     if (__atomic_load_n(&q->paused, __ATOMIC_ACQUIRE) || d->vu.broken) {
@@ -514,6 +528,7 @@ static int pyvu_fastq_process_some(struct pyvu_fastq *q, int limit)
         pthread_rwlock_unlock(&d->lock);
         return 0;
     }
+    limit = chunks ? pyvu_fastq_pop_limit(q) : 0;
     while (q->nslow < PYVU_QMAX && q->ndone < PYVU_QMAX && q->nfailed < PYVU_QMAX &&
            q->nbatch < PYVU_QMAX) {
         if (limit && popped == limit) {
