@@ -288,11 +288,21 @@ class Guest:
         self._reader: threading.Thread | None = None
 
         cmd = [qemu, "-nodefaults", "-nographic", "-no-reboot", "-accel", self.accel]
+        smp_opt = str(smp)
         if self.accel == "kvm":
             cmd += ["-cpu", "host"]
+        else:
+            # QEMU < 8.1's TCG drops the guest's memory barriers when the machine can have only
+            # one vCPU (no CF_PARALLEL; fixed by QEMU commit c914d46d0a "tcg: Do not elide
+            # memory barriers for !CF_PARALLEL in system mode").  The guest's virtio driver
+            # then re-reads the used index before its used_event store is visible to the
+            # backend, misses a completion and waits for good: 2 stalls in 40 runs of the
+            # nbd restart test.  A second possible vCPU (not started) and MTTCG keep them.
+            cmd[-1] = "tcg,thread=multi"
+            smp_opt = f"{smp},maxcpus={max(smp, 2)}"
         cmd += [
             "-smp",
-            str(smp),
+            smp_opt,
             "-m",
             mem,
             "-object",
