@@ -81,10 +81,11 @@
  * So the C path pushes every request as soon as it is done (null-co, no medium, errors: in
  * the pop loop; EVENT_IDX keeps the frontend from being notified for each), and a queue with
  * an I/O engine (Linux AIO, io_uring) submits what it popped every PYVU_SUBMIT_EVERY requests
- * and pushes what completed before popping on.  Measured (libblkio client, 2 pinned CPUs,
- * 4k randread, IOPS per daemon CPU-second ours/qsd): null-co QD16 0.69 -> 4.5 and QD32 1.9 ->
- * 3.3, file QD8 0.76 -> 1.26 and QD16 0.99 -> 1.52; with polling off null-co QD32 0.53x ->
- * 1.7x qsd's IOPS (benchmarks/README.md).  4 beat 1, 2 and 8 at QD 8-32.
+ * and pushes what completed before popping on.  Measured (benchmarks.run --sweep: libblkio
+ * client, 2 pinned CPUs, 4k randread, IOPS per daemon CPU-second ours/qsd): null-co QD16
+ * 1.02 -> 4.57 and QD32 1.93 -> 2.68, file QD8 0.76 -> 1.40 and QD16 0.99 -> 1.59; with
+ * polling off null-co QD32 0.54x -> 1.28x qsd's IOPS (benchmarks/README.md).  4 beat 1, 2
+ * and 8 at QD 8-32.
  */
 #define PYVU_SUBMIT_EVERY 4
 
