@@ -136,6 +136,7 @@ bool pyvu_read_msg(VuDev *dev, int sock, VhostUserMsg *vmsg);
 int pyvu_process_msg(VuDev *dev, VhostUserMsg *vmsg, int *do_reply);
 void pyvu_set_x_no_dirty_log(int on);
 VuVirtq *pyvu_queue(VuDev *dev, int qidx);
+int pyvu_vring_state(struct pyvu_dev *d, int qidx, struct pyvu_vring_state *s);
 
 /* csrc/iov.c */
 int pyvu_iov_slice(const struct iovec *src, unsigned n, size_t skip, size_t trim,

@@ -110,6 +110,16 @@
 /* The largest request in 512-byte sectors (QEMU's BDRV_REQUEST_MAX_SECTORS). */
 #define BDRV_REQUEST_MAX_SECTORS 4194303
 
+/* A queue's indices and notification state, for diagnosing a stalled guest (pyvu_vring_state
+ * fills it from libvhost-user's VuVirtq and the guest's split ring; vhost/vring_debug.py says
+ * what each field means). */
+struct pyvu_vring_state {
+    uint16_t last_avail_idx, shadow_avail_idx, used_idx, signalled_used;
+    uint8_t signalled_used_valid, notification, event_idx, rings_mapped;
+    unsigned int inuse;
+    uint16_t avail_flags, avail_idx, used_event, used_flags, ring_used_idx, avail_event;
+};
+
 /* One per BlockBackend: the in-flight count and accounting of both request paths, and the
  * flags that decide which path serves a request. */
 struct pyvu_blkstate {

@@ -28,6 +28,7 @@
 #include <unistd.h>
 #include <stddef.h>
 #include <pthread.h>
+#include <endian.h>
 
 static struct pyvu_dev *pyvu_from_vu(VuDev *dev)
 {
@@ -646,4 +647,40 @@ fail:
 static VuVirtq *pyvu_queue(VuDev *dev, int qidx)
 {
     return &dev->vq[qidx];
+}
+
+/* A queue's indices and notification state (struct pyvu_vring_state) under the dispatch lock,
+ * read where libvhost-user keeps them.  0, or -1 when the queue is not set up.  Any thread;
+ * diagnostics only: nothing here changes a ring. */
+static int pyvu_vring_state(struct pyvu_dev *d, int qidx, struct pyvu_vring_state *s)
+{
+    VuDev *dev = &d->vu;
+    int ret = -1;
+
+    memset(s, 0, sizeof(*s));
+    pthread_rwlock_rdlock(&d->lock);
+    if (dev->vq && !dev->broken && qidx >= 0 && qidx < dev->max_queues) {
+        VuVirtq *vq = &dev->vq[qidx];
+        unsigned int num = vq->vring.num;
+        s->last_avail_idx = vq->last_avail_idx;
+        s->shadow_avail_idx = vq->shadow_avail_idx;
+        s->used_idx = vq->used_idx;
+        s->signalled_used = vq->signalled_used;
+        s->signalled_used_valid = vq->signalled_used_valid;
+        s->notification = vq->notification;
+        s->inuse = vq->inuse;
+        s->event_idx = !!(dev->features & (1ULL << VIRTIO_RING_F_EVENT_IDX));
+        if (vq->vring.avail && vq->vring.used && num) {
+            s->rings_mapped = 1;
+            s->avail_flags = le16toh(vq->vring.avail->flags);
+            s->avail_idx = le16toh(vq->vring.avail->idx);
+            s->used_event = le16toh(vq->vring.avail->ring[num]);
+            s->used_flags = le16toh(vq->vring.used->flags);
+            s->ring_used_idx = le16toh(vq->vring.used->idx);
+            s->avail_event = le16toh(*(uint16_t *)&vq->vring.used->ring[num]);
+        }
+        ret = 0;
+    }
+    pthread_rwlock_unlock(&d->lock);
+    return ret;
 }
