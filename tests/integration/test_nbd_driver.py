@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,14 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
         srv.kill()
 
 
+def _nbd_node(srv: NbdServer, node_name: str, from_json: bool = True, **opts: Any) -> Any:
+    """An nbd node of the block graph, in this process, on ``srv``'s unix socket."""
+    from blocklayer.blockdev import blockdev_add
+
+    return blockdev_add({"driver": "nbd", "node-name": node_name, **opts,
+                         "server": {"type": "unix", "path": srv.unix}}, from_json=from_json)
+
+
 def _image(tmp_path: Path, fmt: str = "raw", size: int = IMG_SIZE) -> Path:
     img = tmp_path / f"disk.{fmt}"
     if fmt == "raw":
@@ -231,12 +240,10 @@ def test_read_only_export(tmp_path: Path, servers: Servers) -> None:
     # On the node itself: reads work, a write reaching the driver anyway is refused.
     from blocklayer.aio import AioContext
     from blocklayer.bdrv import bdrv_unref
-    from blocklayer.blockdev import blockdev_add
     from blocklayer.iov import IOVector
 
     ctx = AioContext("test")
-    bs = blockdev_add({"driver": "nbd", "node-name": "nbdro", "auto-read-only": True,
-                       "server": {"type": "unix", "path": srv.unix}}, from_json=True)
+    bs = _nbd_node(srv, "nbdro", **{"auto-read-only": True})
     try:
         assert bs.read_only and not bs.drv.can_write()
         buf = bytearray(64 * 1024)
@@ -394,14 +401,12 @@ def test_driver_discard_zeroes_scatter_and_large(tmp_path: Path, servers: Server
     payload limit: split), flush; the server's block size reaches limits()."""
     from blocklayer.aio import AioContext
     from blocklayer.bdrv import BDRV_REQ_MAY_UNMAP, bdrv_unref
-    from blocklayer.blockdev import blockdev_add
     from blocklayer.iov import IOVector
 
     img = _image(tmp_path)
     srv = servers.qemu_nbd(img)
     ctx = AioContext("test")
-    bs = blockdev_add({"driver": "nbd", "node-name": "nbdtest0", "discard": "unmap",
-                       "server": {"type": "unix", "path": srv.unix}})
+    bs = _nbd_node(srv, "nbdtest0", from_json=False, discard="unmap")
     drv = bs.drv
     try:
         assert drv.getlength() == IMG_SIZE and drv.can_write()
@@ -446,14 +451,12 @@ def test_driver_requests_wait_for_the_server(tmp_path: Path, servers: Servers) -
     back (reconnect-delay); with the delay run out, requests fail with EIO."""
     from blocklayer.aio import AioContext
     from blocklayer.bdrv import bdrv_unref
-    from blocklayer.blockdev import blockdev_add
     from blocklayer.iov import IOVector
 
     img = _image(tmp_path)
     srv = servers.qemu_nbd(img)
     ctx = AioContext("test")
-    bs = blockdev_add({"driver": "nbd", "node-name": "nbdtest1", "reconnect-delay": 2,
-                       "server": {"type": "unix", "path": srv.unix}}, from_json=True)
+    bs = _nbd_node(srv, "nbdtest1", **{"reconnect-delay": 2})
     drv = bs.drv
     buf = bytearray(4096)
     try:

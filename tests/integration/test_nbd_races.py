@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 
 from blocklayer.batch import PENDING, T_READ, T_WRITE, UNSET
-from tests.integration.test_nbd_driver import NbdServer, Servers, _image, servers  # noqa: F401
+from tests.integration.test_nbd_driver import (  # noqa: F401
+    NbdServer,
+    Servers,
+    _image,
+    _nbd_node,
+    servers,
+)
 from vhost.ffi import ffi
 
 
@@ -70,13 +76,11 @@ def test_batch_write_meets_a_dead_server(tmp_path: Path, servers: Servers) -> No
     once the server is back (it is never lost, never completed twice)."""
     from blocklayer.aio import AioContext
     from blocklayer.bdrv import bdrv_unref
-    from blocklayer.blockdev import blockdev_add
 
     img = _image(tmp_path)
     srv = servers.qemu_nbd(img)
     ctx = AioContext("test")
-    bs = blockdev_add({"driver": "nbd", "node-name": "nbdrace0", "reconnect-delay": 30,
-                       "server": {"type": "unix", "path": srv.unix}}, from_json=True)
+    bs = _nbd_node(srv, "nbdrace0", **{"reconnect-delay": 30})
     drv = bs.drv
     try:
         warm = FakeBatch(ctx, [(T_READ, 0, bytearray(4096))])
@@ -107,7 +111,6 @@ def test_server_shutting_down_loses_no_command(tmp_path: Path, servers: Servers)
     read once the server stops refusing."""
     from blocklayer.aio import AioContext
     from blocklayer.bdrv import bdrv_unref
-    from blocklayer.blockdev import blockdev_add
 
     exe = shutil.which("nbdkit")
     if exe is None:
@@ -121,8 +124,7 @@ def test_server_shutting_down_loses_no_command(tmp_path: Path, servers: Servers)
                     tmp_path, unix=sock)
     servers.started.append(srv)
     ctx = AioContext("test")
-    bs = blockdev_add({"driver": "nbd", "node-name": "nbdrace1", "reconnect-delay": 30,
-                       "server": {"type": "unix", "path": sock}}, from_json=True)
+    bs = _nbd_node(srv, "nbdrace1", **{"reconnect-delay": 30})
     drv = bs.drv
     try:
         data = bytearray(b"\xa5" * 4096)
